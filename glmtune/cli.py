@@ -1,0 +1,191 @@
+"""The ``glmtune`` command line.
+
+Flags are generated from the config dataclasses (``glmtune/config.py``), so
+the CLI cannot drift from the YAML keys, the Makefile variables or the Python
+API. Heavy libraries are imported inside the commands: ``glmtune --help``
+must stay instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from dataclasses import fields
+
+from glmtune import config as cfg
+from glmtune.errors import ConfigError, GlmtuneError
+
+log = logging.getLogger("glmtune")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per config field; only flags the user actually gives are set."""
+    group = parser.add_argument_group(f"{cls.__name__} options (also YAML keys)")
+    for f in fields(cls):
+        base, _ = cfg.field_type(cls, f)
+        default = f.default if f.default is not cfg.dataclasses.MISSING else None
+        help_text = f.metadata.get("help", "")
+        if f.metadata.get("make"):
+            help_text += f" [Make: {f.metadata['make']}]"
+        help_text += f" (default: {default!r})"
+        # argparse %-formats help strings
+        kwargs = dict(dest=f.name, default=argparse.SUPPRESS, help=help_text.replace("%", "%%"))
+        if base is bool:
+            group.add_argument(cfg.cli_flag(f), action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            group.add_argument(cfg.cli_flag(f), metavar=f.name.upper(),
+                               choices=f.metadata.get("choices"), **kwargs)
+
+
+def config_from_args(args: argparse.Namespace, cls: type):
+    """Defaults < YAML (--config) < Make variables (--from-make) < flags."""
+    layers = []
+    if getattr(args, "config", None):
+        layers.append(cfg.load_yaml(args.config, cls))
+    if getattr(args, "from_make", False):
+        layers.append(cfg.from_make_environment(cls))
+    names = {f.name for f in fields(cls)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    values, problems = {}, []
+    for name, value in given.items():
+        values[name], problem = cfg.coerce(cls, name, value, f"flag {cfg.cli_flag(_field(cls, name))}")
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise ConfigError(problems, "command-line flags")
+    layers.append(values)
+    return cfg.build_config(cls, *layers)
+
+
+def _field(cls, name):
+    return next(f for f in fields(cls) if f.name == name)
+
+
+# ------------------------------------------------------------------ commands
+def cmd_train(args) -> int:
+    from glmtune.train.recipe import train
+
+    config = config_from_args(args, cfg.TrainConfig)
+    result = train(config)
+    if result.eval_losses:
+        first, last = result.eval_losses[0][1], result.eval_losses[-1][1]
+        print(f"validation loss: {first:.4f} -> {last:.4f}")
+    print(f"adapter saved to {result.output_dir}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from glmtune.infer.predict import predict
+
+    config = config_from_args(args, cfg.PredictConfig)
+    answer = predict(config)
+    print(answer)
+    if config.out:
+        log.info("prediction written to %s", config.out)
+    return 0
+
+
+def cmd_data_triplets(args) -> int:
+    from glmtune.data import triplets
+
+    for n, name in ((args.train, "--train"), (args.val, "--val")):
+        if n < 1:
+            raise ConfigError([f"{name}: must be a positive integer, got {n}"], "command-line flags")
+    train_path, val_path = triplets.write(args.out, n_train=args.train, n_val=args.val, seed=args.seed)
+    print(f"wrote {args.train} rows to {train_path}")
+    print(f"wrote {args.val} rows to {val_path}")
+    return 0
+
+
+def cmd_make_vars(args) -> int:
+    """The Makefile variables, derived from the schema (used by `make help`)."""
+    seen = {}
+    for cls in (cfg.TrainConfig, cfg.PredictConfig):
+        for var, name in cfg.make_variables(cls).items():
+            seen.setdefault(var, (name, _field(cls, name).metadata["help"]))
+    for var, (name, help_text) in seen.items():
+        print(f"  {var:<24} {help_text} (--{name.replace('_', '-')})")
+    return 0
+
+
+# ------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="glmtune", description="LoRA / QLoRA fine-tuning for ChatGLM-family models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p, cls):
+        p.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file")
+        p.add_argument("--from-make", action="store_true", help=argparse.SUPPRESS)
+        add_config_arguments(p, cls)
+
+    p = sub.add_parser("train", help="fine-tune a LoRA adapter")
+    with_config(p, cfg.TrainConfig)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("predict", help="answer a prompt with a trained adapter")
+    with_config(p, cfg.PredictConfig)
+    p.set_defaults(func=cmd_predict)
+
+    data = sub.add_parser("data", help="data utilities").add_subparsers(
+        dest="data_command", required=True, metavar="DATA_COMMAND")
+    p = data.add_parser("triplets", help="write the synthetic triplet-extraction data set")
+    p.add_argument("--out", default="data", help="output directory (default: data)")
+    p.add_argument("--train", type=int, default=900, help="training rows (default: 900)")
+    p.add_argument("--val", type=int, default=100, help="validation rows (default: 100)")
+    p.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
+    p.set_defaults(func=cmd_data_triplets)
+
+    p = sub.add_parser("config", help="show configuration helpers")
+    p.add_argument("--make-vars", action="store_true", required=True,
+                   help="list the Makefile variables and the options they set")
+    p.set_defaults(func=cmd_make_vars)
+    return parser
+
+
+def _setup_logging(debug: bool) -> None:
+    class TqdmHandler(logging.StreamHandler):
+        """Log lines printed above the progress bar instead of through it."""
+
+        def emit(self, record):
+            try:
+                from tqdm import tqdm
+
+                tqdm.write(self.format(record), file=sys.stderr)
+            except Exception:  # logging must never kill a run
+                self.handleError(record)
+
+    # Library chatter that says nothing actionable to a user: bitsandbytes
+    # failing to fetch an optional kernel from the hub, peft calling a
+    # deprecated transformers property.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    handler = TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s - %(message)s"))
+    root = logging.getLogger("glmtune")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    root.propagate = False
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.debug)
+    try:
+        return args.func(args)
+    except GlmtuneError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

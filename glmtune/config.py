@@ -1,0 +1,330 @@
+"""The one configuration schema.
+
+``TrainConfig`` is the single source of truth: the YAML keys are its field
+names, the CLI flags and the Makefile variables are derived from its field
+metadata (``cli.py`` and ``glmtune config --make-vars``), and the Python API
+takes it directly. Add a field here and every front end gets it.
+
+Precedence, lowest first: field defaults < YAML file (``--config``) < Make
+variables (only when the Makefile asks for them) < CLI flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from glmtune.errors import ConfigError
+
+DEFAULT_MODEL = "tiny-glm"
+DEFAULT_TRAIN_FILE = "data/train_triplet.jsonl"
+DEFAULT_OUTPUT_DIR = "models/chatglm-lora"
+
+QUANT_LEVELS = ("none", "4bit", "8bit")
+TRI_STATE = ("auto", "true", "false")
+
+
+def _opt(help: str, *, flag: str | None = None, make: str | None = None,
+         choices: tuple[str, ...] | None = None, default: Any = None,
+         default_factory: Any = None):
+    """A config field; its metadata is what the CLI and the Makefile read."""
+    meta = {"help": help, "flag": flag, "make": make, "choices": choices}
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # --- what to train -----------------------------------------------------
+    model: str = _opt("base model: 'tiny-glm' (embedded, built locally), a local HF directory, "
+                      "or a hub id on a machine that can reach the hub",
+                      make="MODEL", default=DEFAULT_MODEL)
+    trust_remote_code: bool = _opt("allow the model directory's own Python code to run "
+                                   "(needed for ChatGLM-6B/2/3)", make="TRUST_REMOTE_CODE",
+                                   default=False)
+    data: str = _opt("training data: .txt, .csv, .json or .jsonl", make="DATA",
+                     default=DEFAULT_TRAIN_FILE)
+    val_data: str | None = _opt("validation data in the same format as --data; 'auto' uses the "
+                                "training file's sibling named val* (train_x.jsonl -> "
+                                "val_x.jsonl) when it exists; '' for none",
+                                make="VAL_DATA", default="auto")
+    output_dir: str = _opt("where the adapter, logs and metrics are written",
+                           make="OUTPUT_DIR", default=DEFAULT_OUTPUT_DIR)
+    overwrite: bool = _opt("replace a finished adapter already in --output-dir",
+                           make="OVERWRITE", default=False)
+    max_samples: int | None = _opt("use at most this many training rows", make="MAX_SAMPLES")
+    template: str = _opt("prompt format: auto (from the model family), chatglm1, chatglm2, "
+                         "chatglm3, glm4, chat_template or plain", default="auto")
+
+    # --- schedule ----------------------------------------------------------
+    epochs: float = _opt("passes over the training data (fractions allowed)",
+                         make="NUM_EPOCHS", default=6.0)
+    max_steps: int | None = _opt("stop after this many optimizer steps (overrides --epochs)",
+                                 make="MAX_STEPS")
+    batch_size: int = _opt("rows per micro-batch", make="BATCH_SIZE", default=16)
+    grad_accum: int = _opt("micro-batches per optimizer step", make="GRAD_ACCUM", default=1)
+    lr: float = _opt("peak learning rate", flag="--lr", make="LEARNING_RATE", default=2e-3)
+    warmup_ratio: float = _opt("fraction of steps with linear learning-rate warm-up",
+                               default=0.05)
+    weight_decay: float = _opt("AdamW weight decay", default=0.0)
+    max_grad_norm: float = _opt("gradient clipping norm (0 disables)", default=1.0)
+    max_seq_len: int = _opt("longer rows are truncated (and counted in the log)",
+                            make="MAX_SEQ_LEN", default=256)
+    seed: int = _opt("seed for initialisation, data order and dropout", make="SEED", default=42)
+
+    # --- LoRA --------------------------------------------------------------
+    lora_r: int = _opt("LoRA rank", make="LORA_R", default=16)
+    lora_alpha: int | None = _opt("LoRA alpha (default: 2 x rank)", make="LORA_ALPHA")
+    lora_dropout: float = _opt("dropout on the LoRA input", make="LORA_DROPOUT", default=0.0)
+    target_modules: str = _opt("comma-separated module names to adapt, or 'auto' (per family)",
+                               default="auto")
+    train_embeddings: str = _opt("also train token embeddings and LM head: auto (only for the "
+                                 "randomly initialised tiny-glm), true or false",
+                                 choices=TRI_STATE, default="auto")
+
+    # --- hardware ----------------------------------------------------------
+    quant: str = _opt("load the frozen base quantized", make="QUANT_LEVEL",
+                      choices=QUANT_LEVELS, default="none")
+    bf16: str = _opt("bf16 autocast: auto (when the CPU/GPU supports it), true or false",
+                     choices=TRI_STATE, default="auto")
+    gradient_checkpointing: bool = _opt("recompute activations in backward to save memory",
+                                        make="GRADIENT_CHECKPOINTING", default=False)
+    threads: int | None = _opt("CPU threads for torch/OMP/MKL (default: physical cores)",
+                               make="NUM_THREADS")
+
+    # --- logging and evaluation --------------------------------------------
+    logging_steps: int = _opt("log loss / lr / speed every N optimizer steps", default=10)
+    eval_steps: int | None = _opt("evaluate every N optimizer steps (default: 5 times a run)",
+                                  make="EVAL_STEPS")
+    max_eval_samples: int | None = _opt("evaluate on at most this many validation rows",
+                                        default=None)
+
+    # ------------------------------------------------------------------------
+    def problems(self) -> list[str]:
+        """Everything wrong with this config, so the user fixes it in one go."""
+        found = []
+        for name in ("batch_size", "grad_accum", "max_seq_len", "lora_r", "logging_steps"):
+            if getattr(self, name) < 1:
+                found.append(f"{name}: must be a positive integer, got {getattr(self, name)}")
+        for name in ("max_samples", "max_steps", "eval_steps", "max_eval_samples", "threads",
+                     "lora_alpha"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                found.append(f"{name}: must be a positive integer or unset, got {value}")
+        if not self.epochs > 0:
+            found.append(f"epochs: must be > 0, got {self.epochs}")
+        if not self.lr > 0:
+            found.append(f"lr: must be > 0, got {self.lr}")
+        if not 0 <= self.lora_dropout < 1:
+            found.append(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+        if not 0 <= self.warmup_ratio < 1:
+            found.append(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            found.append("weight_decay and max_grad_norm: must be >= 0")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                found.append(f"{f.name}: must be one of {', '.join(choices)}, "
+                             f"got {getattr(self, f.name)!r}")
+        for name in ("model", "data", "output_dir"):
+            if not str(getattr(self, name)).strip():
+                found.append(f"{name}: must not be empty")
+        return found
+
+    def validate(self, source: str = "configuration") -> "TrainConfig":
+        found = self.problems()
+        if found:
+            raise ConfigError(found, source)
+        return self
+
+    @property
+    def resolved_val_data(self) -> str | None:
+        if self.val_data != "auto":
+            return self.val_data or None
+        train = Path(self.data)
+        if "train" not in train.name:
+            return None
+        sibling = train.with_name(train.name.replace("train", "val", 1))
+        return str(sibling) if sibling.is_file() else None
+
+    @property
+    def effective_lora_alpha(self) -> int:
+        return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_r
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+DEMO_PROMPT = "请从以下文本中抽取三元组，格式为(主体, 关系, 客体):\n苹果公司是一家美国的科技公司。"
+
+
+@dataclass
+class PredictConfig:
+    """Generation with a base model and (optionally) a trained adapter."""
+
+    adapter: str = _opt("adapter directory written by `glmtune train` ('' for the bare base model)",
+                        make="ADAPTER", default=DEFAULT_OUTPUT_DIR)
+    model: str | None = _opt("base model (default: the one the adapter was trained on)",
+                             make="MODEL")
+    trust_remote_code: bool = _opt("allow the model directory's own Python code to run",
+                                   make="TRUST_REMOTE_CODE", default=False)
+    template: str = _opt("prompt format (default: as in training, else from the model family)",
+                         default="auto")
+    prompt: str = _opt("the prompt to answer", make="PROMPT", default=DEMO_PROMPT)
+    max_new_tokens: int = _opt("longest answer in tokens", make="MAX_NEW_TOKENS", default=128)
+    out: str | None = _opt("also write the answer to this file", make="PREDICTION_FILE")
+    bf16: str = _opt("bf16 autocast: auto, true or false", choices=TRI_STATE, default="auto")
+    threads: int | None = _opt("CPU threads (default: physical cores)", make="NUM_THREADS")
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.max_new_tokens < 1:
+            found.append(f"max_new_tokens: must be a positive integer, got {self.max_new_tokens}")
+        if self.threads is not None and self.threads < 1:
+            found.append(f"threads: must be a positive integer or unset, got {self.threads}")
+        if self.bf16 not in TRI_STATE:
+            found.append(f"bf16: must be one of {', '.join(TRI_STATE)}, got {self.bf16!r}")
+        if not self.adapter and not self.model:
+            found.append("adapter / model: give an adapter directory, or a --model to run bare")
+        return found
+
+    validate = TrainConfig.validate
+
+
+# --------------------------------------------------------------------------
+# Deriving front ends from the schema
+# --------------------------------------------------------------------------
+
+def field_type(cls: type, f: dataclasses.Field) -> tuple[type, bool]:
+    """(base type, optional?) of a field, from its annotation."""
+    hint = typing.get_type_hints(cls)[f.name]
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        (base,) = [a for a in args if a is not type(None)]
+        return base, True
+    return hint, False
+
+
+def cli_flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def make_variables(cls: type) -> dict[str, str]:
+    """Make variable name -> config field name."""
+    return {f.metadata["make"]: f.name for f in fields(cls) if f.metadata.get("make")}
+
+
+_TRUE = {"1", "true", "yes", "on", "y"}
+_FALSE = {"0", "false", "no", "off", "n"}
+
+
+def coerce(cls: type, name: str, value: Any, source: str) -> tuple[Any, str | None]:
+    """Convert a YAML / environment / CLI value to the field's type.
+
+    Returns (value, problem); the problem is collected rather than raised so
+    that one error can list everything that is wrong.
+    """
+    f = {f.name: f for f in fields(cls)}[name]
+    base, optional = field_type(cls, f)
+    if value is None or (optional and isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        if optional:
+            return None, None
+        return value, f"{name}: a value is required ({source})"
+    expected = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[base]
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value, None
+            text = str(value).strip().lower()
+            if text in _TRUE or text in _FALSE:
+                return text in _TRUE, None
+            raise ValueError
+        if base is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(str(value).strip()) if isinstance(value, str) else int(value), None
+        if base is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value), None
+        if isinstance(value, (dict, list)):
+            raise ValueError
+        return str(value), None
+    except (TypeError, ValueError):
+        return value, f"{name}: expected {expected}, got {value!r} ({source})"
+
+
+def load_yaml(path: str | os.PathLike, cls: type = None) -> dict[str, Any]:
+    """Read a YAML config file into field values, reporting every bad key at once."""
+    import yaml
+
+    from glmtune.errors import GlmtuneError
+
+    path = Path(path)
+    if not path.is_file():
+        raise GlmtuneError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise GlmtuneError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise GlmtuneError(f"{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise GlmtuneError(f"{path}: expected a mapping of config keys, got {type(raw).__name__}")
+    return _collect(cls or TrainConfig, raw, f"in {path}")
+
+
+def _collect(cls: type, raw: dict[str, Any], source: str) -> dict[str, Any]:
+    known = {f.name for f in fields(cls)}
+    values, found = {}, []
+    for key, value in raw.items():
+        if key not in known:
+            hint = _closest(str(key), known)
+            found.append(f"{key}: unknown key ({source})" + (f"; did you mean '{hint}'?" if hint else ""))
+            continue
+        values[key], problem = coerce(cls, key, value, source)
+        if problem:
+            found.append(problem)
+    if found:
+        raise ConfigError(found, source.removeprefix("in "))
+    return values
+
+
+def _closest(word: str, candidates) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(word, sorted(candidates), n=1)
+    return match[0] if match else None
+
+
+def from_make_environment(cls: type, environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Field values from Make variables (exported by make into the recipe's environment)."""
+    environ = os.environ if environ is None else environ
+    raw = {name: environ[var] for var, name in make_variables(cls).items()
+           if environ.get(var, "") != ""}
+    return _collect(cls, raw, "from Make variables")
+
+
+def build_config(cls: type, *layers: dict[str, Any]):
+    """Defaults overridden by each layer in turn, then validated."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        merged.update(layer)
+    return cls(**merged).validate()
+
+
+def save_yaml(config, path: str | os.PathLike) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), allow_unicode=True, sort_keys=False),
+                          encoding="utf-8")

@@ -1,0 +1,94 @@
+"""Samples -> token ids with loss masks -> padded batches."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from glmtune.data.formats import check_same_format, read_samples
+from glmtune.data.sample import Sample
+from glmtune.data.templates import encode
+from glmtune.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+@dataclass
+class TokenizedSet:
+    path: str
+    format: str
+    rows: list[Encoded]
+    truncated: int
+
+
+def load_split(path: str, max_samples: int | None = None) -> tuple[list[Sample], str]:
+    samples, fmt = read_samples(path, max_samples=max_samples)
+    log.info("loaded %d rows from %s (%s format)", len(samples), path, fmt)
+    return samples, fmt
+
+
+def tokenize(path: str, samples: list[Sample], fmt: str, tokenizer, template: str,
+             max_len: int) -> TokenizedSet:
+    rows, truncated, dropped = [], 0, []
+    for index, sample in enumerate(samples, start=1):
+        ids, labels, was_truncated = encode(template, sample, tokenizer, max_len)
+        row = Encoded(ids, labels)
+        if row.trained_tokens == 0:
+            # The answer starts beyond max_len: nothing of it would be trained.
+            dropped.append(index)
+            continue
+        truncated += was_truncated
+        rows.append(row)
+    if not rows:
+        raise DataError(path, f"no row has an answer within the first {max_len} tokens",
+                        field="max_seq_len", expected="a larger --max-seq-len or shorter prompts")
+    if truncated:
+        log.warning("%s: %d of %d rows were longer than --max-seq-len %d and were truncated",
+                    path, truncated, len(samples), max_len)
+    if dropped:
+        shown = ", ".join(map(str, dropped[:10])) + (" ..." if len(dropped) > 10 else "")
+        log.warning("%s: skipped %d rows whose answer starts after --max-seq-len %d tokens "
+                    "(rows %s)", path, len(dropped), max_len, shown)
+    return TokenizedSet(path, fmt, rows, truncated)
+
+
+def load_train_val(train_path: str, val_path: str | None, tokenizer, template: str,
+                   max_len: int, max_samples: int | None,
+                   max_eval_samples: int | None) -> tuple[TokenizedSet, TokenizedSet | None]:
+    """Read and check both files before tokenizing either, so bad data fails fast."""
+    train_samples, train_fmt = load_split(train_path, max_samples)
+    val_samples, val_fmt = (None, None)
+    if val_path:
+        val_samples, val_fmt = load_split(val_path, max_eval_samples)
+        check_same_format(train_fmt, val_fmt, val_path)
+    train = tokenize(train_path, train_samples, train_fmt, tokenizer, template, max_len)
+    val = tokenize(val_path, val_samples, val_fmt, tokenizer, template, max_len) if val_path else None
+    return train, val
+
+
+def collate(rows: list[Encoded], pad_id: int):
+    """Right-pad a batch to its longest row; padding is masked from attention and loss."""
+    import torch
+
+    width = max(len(r.input_ids) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row.input_ids)
+        ids[i, :n] = torch.tensor(row.input_ids)
+        labels[i, :n] = torch.tensor(row.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

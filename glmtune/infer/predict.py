@@ -1,0 +1,112 @@
+"""Generate with a base model plus a trained adapter."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Sequence
+
+from glmtune import hardware
+from glmtune.config import PredictConfig, TrainConfig, load_yaml
+from glmtune.data.sample import Message
+from glmtune.data.templates import encode_prompt, stop_token_ids
+from glmtune.errors import GlmtuneError
+from glmtune.model import load
+from glmtune.model.family import detect_family, template_override
+from glmtune.train.artifacts import ADAPTER_CONFIG, RUN_CONFIG
+
+log = logging.getLogger(__name__)
+
+
+def adapter_training_config(adapter: str) -> dict:
+    """The settings an adapter was trained with (model, template, remote code)."""
+    path = Path(adapter)
+    if not path.is_dir():
+        raise GlmtuneError(f"{path}: adapter directory not found (train one with `glmtune "
+                           "train`, or pass --adapter '' to run the bare base model)")
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise GlmtuneError(f"{path}: not an adapter directory (no {ADAPTER_CONFIG}); expected "
+                           "the output directory of `glmtune train` or any PEFT LoRA adapter")
+    run_config = path / RUN_CONFIG
+    return load_yaml(run_config, TrainConfig) if run_config.is_file() else {}
+
+
+class Predictor:
+    """Loads once, answers many prompts. ``generate`` takes a prompt and optional history."""
+
+    def __init__(self, config: PredictConfig):
+        import torch
+
+        self.config = config.validate()
+        trained = adapter_training_config(config.adapter) if config.adapter else {}
+        model_name = config.model or trained.get("model") or _adapter_base(config.adapter)
+        trust = config.trust_remote_code or bool(trained.get("trust_remote_code", False))
+        hw = hardware.detect()
+        hardware.set_threads(config.threads)
+        self.bf16 = hw.bf16 if config.bf16 == "auto" else config.bf16 == "true"
+        self.device = torch.device(hw.device)
+
+        source = load.resolve(model_name)
+        self.tokenizer = load.load_tokenizer(source, trust)
+        family = detect_family(source.config, self.tokenizer, source.path)
+        template = config.template if config.template != "auto" else trained.get("template", "auto")
+        self.family = family if template == "auto" else template_override(family, template)
+        model = load.load_model(source, trust_remote_code=trust)
+        if config.adapter:
+            model = _attach_adapter(model, config.adapter)
+        self.model = model.to(self.device).eval()
+        self.stop_ids = stop_token_ids(self.family.template, self.tokenizer)
+
+    def prompt_ids(self, prompt: str, history: Sequence[tuple[str, str]] = ()) -> list[int]:
+        messages = []
+        for question, answer in history:
+            messages += [Message("user", question), Message("assistant", answer)]
+        messages.append(Message("user", prompt))
+        return encode_prompt(self.family.template, messages, self.tokenizer)
+
+    def generate(self, prompt: str, history: Sequence[tuple[str, str]] = (),
+                 max_new_tokens: int | None = None) -> str:
+        import torch
+
+        ids = torch.tensor([self.prompt_ids(prompt, history)], device=self.device)
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                             enabled=self.bf16):
+            out = self.model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens or self.config.max_new_tokens, do_sample=False,
+                eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id)
+        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def _adapter_base(adapter: str) -> str:
+    import json
+
+    try:
+        return json.loads((Path(adapter) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise GlmtuneError(f"{adapter}: cannot tell which base model the adapter belongs to; "
+                           "pass --model") from exc
+
+
+def _attach_adapter(model, adapter: str):
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, adapter)
+    except RuntimeError as exc:
+        if "size mismatch" in str(exc):
+            raise GlmtuneError(f"{adapter}: this adapter was trained for a different base model "
+                               f"(tensor shapes differ): {str(exc).splitlines()[1].strip()}"
+                               ) from exc
+        raise
+    except (OSError, ValueError) as exc:
+        raise GlmtuneError(f"{adapter}: could not load the adapter ({exc})".splitlines()[0]) from exc
+
+
+def predict(config: PredictConfig) -> str:
+    answer = Predictor(config).generate(config.prompt)
+    if config.out:
+        from glmtune.train.artifacts import write_text_atomic
+
+        write_text_atomic(Path(config.out), f"prompt:\n{config.prompt}\n\nanswer:\n{answer}\n")
+    return answer

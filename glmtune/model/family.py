@@ -1,0 +1,77 @@
+"""Which member of the ChatGLM family (or which other causal LM) a checkpoint is.
+
+The family decides the prompt format, the LoRA target modules and whether the
+checkpoint ships its own modeling code. Detection reads only config.json (and
+the tokenizer, for ChatGLM3), so it runs before any weights are loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
+
+from glmtune.data.templates import TEMPLATES, token_id
+from glmtune.errors import GlmtuneError
+
+CHATGLM_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+GLM4_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str                            # chatglm1, chatglm2, chatglm3, glm, glm4 or generic
+    template: str                        # one of templates.TEMPLATES
+    lora_targets: tuple[str, ...] | str  # module names, or a PEFT shorthand like "all-linear"
+    remote_code: bool                    # the checkpoint's own Python code builds the model
+
+
+def _as_dict(model_config: Any) -> dict[str, Any]:
+    if isinstance(model_config, Mapping):
+        return dict(model_config)
+    to_dict = getattr(model_config, "to_dict", None)
+    if callable(to_dict):
+        # to_dict holds exactly the keys the checkpoint set, unlike getattr on a config
+        # object, which falls back to class defaults.
+        return to_dict()
+    raise TypeError(f"expected a model config or a dict, got {type(model_config).__name__}")
+
+
+def _chatglm_version(config: dict[str, Any], tokenizer, name_or_path: str) -> int:
+    if "position_encoding_2d" in config or not ("multi_query_attention" in config
+                                                 or "kv_channels" in config):
+        return 1
+    # ChatGLM2 and 3 share their architecture and config keys; only the tokenizer
+    # (role tokens) or the repo name tells them apart.
+    if tokenizer is not None and token_id(tokenizer, "<|user|>") is not None:
+        return 3
+    if "chatglm3" in name_or_path.lower():
+        return 3
+    return 2
+
+
+def _native_model_type(model_type: str) -> bool:
+    try:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    except ImportError:  # pragma: no cover - layout of a future transformers
+        return True
+    return model_type in CONFIG_MAPPING_NAMES
+
+
+def detect_family(model_config, tokenizer=None, name_or_path: str = "") -> Family:
+    config = _as_dict(model_config)
+    model_type = str(config.get("model_type") or "")
+    if model_type == "chatglm":
+        version = _chatglm_version(config, tokenizer, str(name_or_path))
+        return Family(f"chatglm{version}", f"chatglm{version}", CHATGLM_TARGETS, True)
+    if model_type in ("glm", "glm4"):
+        return Family(model_type, "glm4", GLM4_TARGETS, False)
+    template = "chat_template" if getattr(tokenizer, "chat_template", None) else "plain"
+    # Custom code only runs when transformers cannot build the architecture itself.
+    remote = "auto_map" in config and not (model_type and _native_model_type(model_type))
+    return Family("generic", template, "all-linear", remote)
+
+
+def template_override(family: Family, template: str) -> Family:
+    if template not in TEMPLATES:
+        raise GlmtuneError(f"unknown template {template!r}; valid templates: {', '.join(TEMPLATES)}")
+    return replace(family, template=template)

@@ -1,0 +1,130 @@
+"""Find, check and load a base model and its tokenizer.
+
+Safety rules live here: a directory's own Python code runs only when the user
+passed ``--trust-remote-code`` (never an interactive prompt), safetensors are
+preferred, and pickled weights are only read with ``weights_only=True``
+(transformers 5 enforces it; we never call ``torch.load`` on model files
+ourselves).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from glmtune.errors import GlmtuneError
+from glmtune.model import tiny_glm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelSource:
+    """Where a model comes from, known before anything heavy is loaded."""
+
+    name: str             # what the user asked for
+    path: str             # local directory or hub id handed to from_pretrained
+    config: dict[str, Any]  # config.json as a dict ({} for hub ids not cached locally)
+    local: bool
+
+    @property
+    def needs_remote_code(self) -> bool:
+        return "auto_map" in self.config
+
+
+def resolve(model: str, *, build_tiny: bool = True) -> ModelSource:
+    """Turn ``--model`` into a checked source; builds tiny-glm on first use."""
+    if model == tiny_glm.NAME:
+        path = tiny_glm.build() if build_tiny else tiny_glm.default_dir()
+        return ModelSource(model, str(path), _read_config(path), True)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise GlmtuneError(f"{path}: not a model directory (no config.json); expected a "
+                               "Hugging Face model folder with config.json, weights and tokenizer")
+        return ModelSource(model, str(path), _read_config(path), True)
+    if path.exists():
+        raise GlmtuneError(f"{path}: is a file; --model expects a model directory or a hub id")
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") != 1
+    if looks_local:
+        raise GlmtuneError(f"{model}: model directory not found (expected a local Hugging Face "
+                           "model folder, 'tiny-glm', or a hub id like THUDM/chatglm3-6b)")
+    return ModelSource(model, model, {}, False)
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    file = Path(path) / "config.json"
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise GlmtuneError(f"{file}: unreadable model config ({exc})") from exc
+    if not isinstance(data, dict):
+        raise GlmtuneError(f"{file}: expected a JSON object")
+    return data
+
+
+def check_remote_code(source: ModelSource, trust_remote_code: bool) -> None:
+    """Refuse remote code unless asked, instead of letting transformers prompt on stdin."""
+    if source.needs_remote_code and not trust_remote_code:
+        kind = source.config.get("model_type", "this model")
+        raise GlmtuneError(
+            f"{source.path}: '{kind}' ships its own Python code (auto_map in config.json), "
+            "which glmtune runs only when you allow it: add --trust-remote-code "
+            "(Make: TRUST_REMOTE_CODE=1, YAML: trust_remote_code: true)")
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    check_remote_code(source, trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
+        raise GlmtuneError(f"{source.path}: could not load the tokenizer ({_first_line(exc)}); "
+                           "expected tokenizer files (tokenizer.json or tokenizer.model with "
+                           "tokenizer_config.json) in the model directory") from exc
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked everywhere; any id will do, eos is the convention.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_model(source: ModelSource, *, trust_remote_code: bool, dtype=None,
+               quantization_config=None, device_map=None):
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bar and log lines say what happens
+    check_remote_code(source, trust_remote_code)
+    auto_map = source.config.get("auto_map", {})
+    # ChatGLM-6B (v1) registers only AutoModel; its class is still a causal LM.
+    loader = AutoModel if auto_map and "AutoModelForCausalLM" not in auto_map else AutoModelForCausalLM
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code,
+                              "dtype": dtype or torch.float32}
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    from safetensors import SafetensorError
+
+    try:
+        return loader.from_pretrained(source.path, **kwargs)
+    except SafetensorError as exc:
+        raise GlmtuneError(f"{source.path}: a safetensors weight file is corrupted or "
+                           f"truncated ({_first_line(exc)}); re-download or re-export it") from exc
+    except (OSError, ValueError) as exc:
+        raise GlmtuneError(f"{source.path}: could not load model weights ({_first_line(exc)})") from exc
+    except RuntimeError as exc:
+        if "size mismatch" in str(exc) or "safetensor" in str(exc).lower():
+            raise GlmtuneError(f"{source.path}: model weights do not match config.json or are "
+                               f"corrupted ({_first_line(exc)})") from exc
+        raise
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,48 @@
+"""Attach LoRA adapters to a base model."""
+
+from __future__ import annotations
+
+import logging
+
+from glmtune.errors import GlmtuneError
+from glmtune.model.family import Family
+
+log = logging.getLogger(__name__)
+
+
+def embedding_module_names(model) -> list[str]:
+    """Names of the input-embedding and output-head modules, whatever the architecture calls them."""
+    wanted = {id(m) for m in (model.get_input_embeddings(), model.get_output_embeddings())
+              if m is not None}
+    names = []
+    for name, module in model.named_modules():
+        if id(module) in wanted:
+            names.append(name.rsplit(".", 1)[-1])
+            wanted.discard(id(module))
+    return names
+
+
+def target_modules(family: Family, requested: str):
+    if requested and requested != "auto":
+        return [name.strip() for name in requested.split(",") if name.strip()]
+    targets = family.lora_targets
+    return targets if isinstance(targets, str) else list(targets)
+
+
+def attach_lora(model, family: Family, *, r: int, alpha: int, dropout: float, targets: str,
+                train_embeddings: bool):
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
+        target_modules=target_modules(family, targets),
+        modules_to_save=embedding_module_names(model) if train_embeddings else None)
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as exc:
+        raise GlmtuneError(f"target_modules: {exc}".splitlines()[0]
+                           + "; pass module names that exist in this model with --target-modules") from exc
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    log.info("trainable params: %s || all params: %s || trainable%%: %.4f",
+             f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return peft_model

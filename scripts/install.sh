@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Install glmtune and its pinned dependencies into a Python environment.
+# Used by `make setup` and by the Dockerfile, so both install the same way.
+#   scripts/install.sh PYTHON [--editable]
+# TORCH_SPEC picks the torch build (default: the CPU wheel torch==2.13.0);
+# TORCH_INDEX_URL adds a package index for it (e.g. the PyTorch CPU or CUDA index).
+set -euo pipefail
+python=${1:?usage: install.sh PYTHON [--editable]}
+mode=${2:-}
+here=$(cd "$(dirname "$0")/.." && pwd)
+torch_spec=${TORCH_SPEC:-torch==2.13.0}
+index_args=()
+[ -n "${TORCH_INDEX_URL:-}" ] && index_args=(--extra-index-url "$TORCH_INDEX_URL")
+
+"$python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
+# torch first and on its own: left to the resolver, a bare `torch` requirement
+# pulls a multi-GB CUDA build even on machines without a GPU.
+"$python" -m pip install --quiet "${index_args[@]}" "$torch_spec"
+grep -v '^torch==' "$here/requirements.txt" > "${TMPDIR:-/tmp}/glmtune-req.$$"
+"$python" -m pip install --quiet -r "${TMPDIR:-/tmp}/glmtune-req.$$"
+rm -f "${TMPDIR:-/tmp}/glmtune-req.$$"
+if [ "$mode" = "--editable" ]; then
+  "$python" -m pip install --quiet --no-deps -e "$here"
+else
+  "$python" -m pip install --quiet --no-deps "$here"
+fi

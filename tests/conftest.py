@@ -1,0 +1,46 @@
+"""Shared fixtures: real models and data, built small and locally (no downloads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from glmtune.cli import main
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """The real embedded tiny-glm, built once per test session."""
+    from glmtune.model import tiny_glm
+
+    return tiny_glm.build(tmp_path_factory.mktemp("models") / "tiny-glm")
+
+
+@pytest.fixture(scope="session")
+def triplet_dir(tmp_path_factory) -> Path:
+    from glmtune.data import triplets
+
+    out = tmp_path_factory.mktemp("triplets")
+    triplets.write(out, n_train=40, n_val=8, seed=7)
+    return out
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run the real CLI in-process; returns (exit code, stdout, stderr)."""
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main([str(a) for a in argv])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` with its bytes, to prove nothing was written."""
+    if not path.exists():
+        return {}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+

@@ -1,0 +1,98 @@
+"""The command line: bad input is one clear message, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import snapshot
+
+GOOD_ROW = json.dumps({"prompt": "问", "response": "答"}, ensure_ascii=False)
+
+
+# name -> (files to write, argv, substrings the message must contain).
+# "@name" in argv is a path under the test's tmp dir; good.jsonl always exists.
+BAD_INPUTS = {
+    "empty file": ({"e.jsonl": b""}, ["--data", "@e.jsonl"], ["e.jsonl", "empty"]),
+    "invalid json": ({"j.jsonl": (GOOD_ROW + "\n" + GOOD_ROW + "\n{oops\n").encode()},
+                     ["--data", "@j.jsonl"], ["j.jsonl:3"]),
+    "missing field": ({"m.jsonl": (GOOD_ROW + '\n{"prompt": "x"}\n').encode()},
+                      ["--data", "@m.jsonl"], ["m.jsonl:2", "response"]),
+    "wrong type": ({"t.jsonl": (GOOD_ROW + '\n{"prompt": "x", "response": 5}\n').encode()},
+                   ["--data", "@t.jsonl"], ["t.jsonl:2", "response", "string"]),
+    "unknown extension": ({"d.parquet": b"x"}, ["--data", "@d.parquet"], ["d.parquet", ".jsonl"]),
+    "csv without header": ({"c.csv": "北京,中国\n上海,中国\n".encode()}, ["--data", "@c.csv"],
+                           ["c.csv", "header"]),
+    "non utf-8": ({"u.jsonl": GOOD_ROW.encode() + b'\n{"prompt": "\xe9"}\n'},
+                  ["--data", "@u.jsonl"], ["u.jsonl:2", "UTF-8"]),
+    "val in another format": ({"v.jsonl": b'{"text": "hello"}\n'},
+                              ["--val-data", "@v.jsonl"], ["v.jsonl", "format"]),
+    "missing data file": ({}, ["--data", "@nope.jsonl"], ["nope.jsonl"]),
+    "model dir missing": ({}, ["--model", "@no-model"], ["no-model", "not found"]),
+    "model dir without config": ({"empty-model/readme.txt": b"x"}, ["--model", "@empty-model"],
+                                 ["empty-model", "config.json"]),
+    "bad yaml key": ({"c.yaml": b"epochz: 3\nlr: -1\n"}, ["--config", "@c.yaml"],
+                     ["epochz", "did you mean 'epochs'"]),
+    "bad flag value": ({}, ["--batch-size", "0"], ["batch_size", "positive"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_is_one_clear_error_and_writes_nothing(case, run_cli, tiny_model, tmp_path):
+    files, argv, expected = BAD_INPUTS[case]
+    files = {"good.jsonl": (GOOD_ROW + "\n").encode(), **files}
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+    argv = [str(tmp_path / a[1:]) if a.startswith("@") else a for a in argv]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier work")
+    before = snapshot(out)
+    defaults = {"--data": str(tmp_path / "good.jsonl"), "--model": str(tiny_model)}
+    for flag, value in defaults.items():
+        if flag not in argv:
+            argv += [flag, value]
+    code, _, err = run_cli("train", "--output-dir", out, *argv)
+    assert code == 2, err
+    assert "Traceback" not in err
+    for text in expected:
+        assert text in err, f"{text!r} not in {err!r}"
+    assert snapshot(out) == before
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(Exception):
+        from glmtune.cli import main
+
+        main(["--debug", "train", "--data", str(tmp_path / "missing.jsonl")])
+
+
+def test_help_is_fast_and_imports_no_torch():
+    started = time.perf_counter()
+    code = subprocess.run([sys.executable, "-c", "import sys; from glmtune.cli import main\n"
+                           "try: main(['--help'])\nexcept SystemExit: pass\n"
+                           "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"],
+                          capture_output=True, text=True)
+    assert code.returncode == 0, code.stderr
+    assert "train" in code.stdout
+    del started  # speed itself is measured in bench/, not asserted here
+
+
+def test_data_triplets_command(run_cli, tmp_path):
+    code, stdout, _ = run_cli("data", "triplets", "--out", tmp_path, "--train", "12", "--val", "3")
+    assert code == 0
+    assert len((tmp_path / "train_triplet.jsonl").read_text("utf-8").splitlines()) == 12
+    assert len((tmp_path / "val_triplet.jsonl").read_text("utf-8").splitlines()) == 3
+    assert "wrote 12 rows" in stdout
+
+
+def test_make_vars_listing_comes_from_the_schema(run_cli):
+    code, stdout, _ = run_cli("config", "--make-vars")
+    assert code == 0
+    for var in ("MODEL", "DATA", "NUM_EPOCHS", "LEARNING_RATE", "QUANT_LEVEL", "NUM_THREADS", "PROMPT"):
+        assert var in stdout
