@@ -69,6 +69,9 @@ def cmd_train(args) -> int:
 
     config = config_from_args(args, cfg.TrainConfig)
     result = train(config)
+    if result.interrupted:
+        print(f"stopped early at step {result.steps}; resume with: {result.resume_command}")
+        return {"SIGINT": 130, "SIGTERM": 143}.get(result.interrupted, 1)
     if result.eval_losses:
         first, last = result.eval_losses[0][1], result.eval_losses[-1][1]
         print(f"validation loss: {first:.4f} -> {last:.4f}")

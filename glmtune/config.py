@@ -105,6 +105,19 @@ class TrainConfig:
     max_eval_samples: int | None = _opt("evaluate on at most this many validation rows",
                                         default=None)
 
+    # --- checkpoints and resume ---------------------------------------------
+    save_steps: int | None = _opt("write a resumable checkpoint every N optimizer steps "
+                                  "(default: at the end of each epoch)", make="SAVE_STEPS")
+    save_total_limit: int | None = _opt("keep at most this many checkpoints (oldest pruned "
+                                        "only after a newer one is complete)",
+                                        make="SAVE_TOTAL_LIMIT", default=2)
+    save_best: bool = _opt("also keep the checkpoint with the lowest validation loss",
+                           default=False)
+    resume: str | None = _opt("continue an interrupted run: 'auto' (newest complete checkpoint "
+                              "in --output-dir) or a checkpoint-N path", make="RESUME")
+    resume_override: bool = _opt("resume even though settings that change training differ "
+                                 "from the checkpoint's", default=False)
+
     # ------------------------------------------------------------------------
     def problems(self) -> list[str]:
         """Everything wrong with this config, so the user fixes it in one go."""
@@ -113,7 +126,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 found.append(f"{name}: must be a positive integer, got {getattr(self, name)}")
         for name in ("max_samples", "max_steps", "eval_steps", "max_eval_samples", "threads",
-                     "lora_alpha"):
+                     "lora_alpha", "save_steps", "save_total_limit"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 found.append(f"{name}: must be a positive integer or unset, got {value}")
@@ -181,9 +194,16 @@ class PredictConfig:
     out: str | None = _opt("also write the answer to this file", make="PREDICTION_FILE")
     bf16: str = _opt("bf16 autocast: auto, true or false", choices=TRI_STATE, default="auto")
     threads: int | None = _opt("CPU threads (default: physical cores)", make="NUM_THREADS")
+    file: str | None = _opt("answer every prompt in this file instead of --prompt (.txt: one "
+                            "prompt per line; .jsonl: a 'prompt' per row) and append the answers "
+                            "to --out as JSON Lines; a rerun skips prompts already answered",
+                            make="FILE")
 
     def problems(self) -> list[str]:
         found = []
+        if self.file and self.out and Path(self.out).suffix.lower() != ".jsonl":
+            found.append(f"out: batch answers (--file) are written as JSON Lines; give a .jsonl "
+                         f"path, got {self.out!r}")
         if self.max_new_tokens < 1:
             found.append(f"max_new_tokens: must be a positive integer, got {self.max_new_tokens}")
         if self.threads is not None and self.threads < 1:
@@ -195,6 +215,133 @@ class PredictConfig:
         return found
 
     validate = TrainConfig.validate
+
+
+def _same(cls: type, name: str, **changes):
+    """Field ``name`` of ``cls`` again (optionally changed), so commands that share an option
+    share its flag, help, Make variable and default instead of drifting apart."""
+    f = cls.__dataclass_fields__[name]
+    meta = {key: changes.get(key, f.metadata.get(key)) for key in ("help", "flag", "make", "choices")}
+    return _opt(meta["help"], flag=meta["flag"], make=meta["make"], choices=meta["choices"],
+                default=changes.get("default", f.default))
+
+
+def _inference_problems(config) -> list[str]:
+    """Checks every command that loads a model for generation shares with PredictConfig."""
+    found = []
+    for name in ("max_new_tokens", "batch_size"):
+        value = getattr(config, name, 1)
+        if value < 1:
+            found.append(f"{name}: must be a positive integer, got {value}")
+    for name in ("threads", "max_samples"):
+        value = getattr(config, name, None)
+        if value is not None and value < 1:
+            found.append(f"{name}: must be a positive integer or unset, got {value}")
+    for f in fields(config):
+        choices = f.metadata.get("choices")
+        if choices and getattr(config, f.name) not in choices:
+            found.append(f"{f.name}: must be one of {', '.join(choices)}, "
+                         f"got {getattr(config, f.name)!r}")
+    return found
+
+
+DEFAULT_VAL_FILE = "data/val_triplet.jsonl"
+EVAL_TASKS = ("triplet", "generation")
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class EvalConfig:
+    """Scoring an adapter (and optionally its bare base model) on held-out prompt/response rows."""
+
+    adapter: str = _same(PredictConfig, "adapter")
+    model: str | None = _same(PredictConfig, "model")
+    trust_remote_code: bool = _same(PredictConfig, "trust_remote_code")
+    template: str = _same(PredictConfig, "template")
+    task: str = _opt("what to score: triplet (precision / recall / F1 of extracted triplets) or "
+                     "generation (ROUGE-1/2/L and BLEU-4 of the answers)",
+                     choices=EVAL_TASKS, default="triplet")
+    data: str = _opt("evaluation rows with reference answers (.jsonl, .json or .csv in any "
+                     "conversation format `glmtune train` reads)", make="EVAL_DATA",
+                     default=DEFAULT_VAL_FILE)
+    output_dir: str | None = _opt("where predictions.jsonl, report.txt and metrics.json go "
+                                  "(default: <adapter>/eval, or data/output/eval for a bare model)",
+                                  make="EVAL_DIR")
+    compare_base: bool = _opt("also evaluate the base model without the adapter and show both "
+                              "side by side", default=False)
+    max_samples: int | None = _opt("evaluate only the first N rows", make="EVAL_SAMPLES")
+    batch_size: int = _opt("prompts generated together (left-padded; more is faster but uses "
+                           "more memory)", make="EVAL_BATCH_SIZE", default=8)
+    max_new_tokens: int = _same(PredictConfig, "max_new_tokens")
+    bf16: str = _same(PredictConfig, "bf16")
+    threads: int | None = _same(PredictConfig, "threads")
+
+    def problems(self) -> list[str]:
+        found = _inference_problems(self)
+        if not self.data.strip():
+            found.append("data: must not be empty")
+        if not self.adapter and not self.model:
+            found.append("adapter / model: give an adapter directory, or a --model to score bare")
+        if self.compare_base and not self.adapter:
+            found.append("compare_base: needs an adapter to compare the base model with")
+        return found
+
+    validate = TrainConfig.validate
+
+    @property
+    def resolved_output_dir(self) -> str:
+        if self.output_dir:
+            return self.output_dir
+        return str(Path(self.adapter) / "eval") if self.adapter else "data/output/eval"
+
+
+@dataclass
+class ChatConfig:
+    """An interactive conversation with a base model plus adapter."""
+
+    adapter: str = _same(PredictConfig, "adapter")
+    model: str | None = _same(PredictConfig, "model")
+    trust_remote_code: bool = _same(PredictConfig, "trust_remote_code")
+    template: str = _same(PredictConfig, "template")
+    max_new_tokens: int = _same(PredictConfig, "max_new_tokens", default=256)
+    bf16: str = _same(PredictConfig, "bf16")
+    threads: int | None = _same(PredictConfig, "threads")
+
+    def problems(self) -> list[str]:
+        found = _inference_problems(self)
+        if not self.adapter and not self.model:
+            found.append("adapter / model: give an adapter directory, or a --model to chat bare")
+        return found
+
+    validate = TrainConfig.validate
+
+
+@dataclass
+class ExportConfig:
+    """Merging an adapter into its base model and saving a standalone model."""
+
+    adapter: str = _opt("adapter directory written by `glmtune train`", make="ADAPTER",
+                        default=DEFAULT_OUTPUT_DIR)
+    model: str | None = _same(PredictConfig, "model")
+    trust_remote_code: bool = _same(PredictConfig, "trust_remote_code")
+    out: str | None = _opt("directory for the merged model (default: <adapter>-merged)",
+                           make="EXPORT_DIR")
+    overwrite: bool = _opt("replace a non-empty --out", make="OVERWRITE", default=False)
+    dtype: str = _opt("precision of the saved weights (the merge and its check run in float32)",
+                      make="EXPORT_DTYPE", choices=EXPORT_DTYPES, default="float32")
+    threads: int | None = _same(PredictConfig, "threads")
+
+    def problems(self) -> list[str]:
+        found = _inference_problems(self)
+        if not self.adapter.strip():
+            found.append("adapter: must not be empty: export merges an adapter into its base")
+        return found
+
+    validate = TrainConfig.validate
+
+    @property
+    def resolved_out(self) -> str:
+        return self.out or str(self.adapter).rstrip("/\\") + "-merged"
 
 
 # --------------------------------------------------------------------------

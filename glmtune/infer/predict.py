@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Iterator, Sequence
 
 from glmtune import hardware
 from glmtune.config import PredictConfig, TrainConfig, load_yaml
@@ -46,7 +47,7 @@ class Predictor:
         self.bf16 = hw.bf16 if config.bf16 == "auto" else config.bf16 == "true"
         self.device = torch.device(hw.device)
 
-        source = load.resolve(model_name)
+        source = self.source = load.resolve(model_name)
         self.tokenizer = load.load_tokenizer(source, trust)
         family = detect_family(source.config, self.tokenizer, source.path)
         template = config.template if config.template != "auto" else trained.get("template", "auto")
@@ -76,6 +77,115 @@ class Predictor:
                 max_new_tokens=max_new_tokens or self.config.max_new_tokens, do_sample=False,
                 eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id)
         return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+    def conversation_ids(self, messages: Sequence[Message]) -> list[int]:
+        """Prompt ids of any conversation ending with a user turn (system messages allowed)."""
+        return encode_prompt(self.family.template, messages, self.tokenizer)
+
+    def generate_batch(self, prompts: Sequence[str],
+                       histories: Sequence[Sequence[tuple[str, str]]] | None = None,
+                       max_new_tokens: int | None = None, batch_size: int = 8) -> list[str]:
+        """Answers to many prompts, ``batch_size`` at a time; same order as ``prompts``."""
+        histories = histories if histories is not None else [()] * len(prompts)
+        if len(histories) != len(prompts):
+            raise ValueError(f"{len(histories)} histories for {len(prompts)} prompts")
+        ids = [self.prompt_ids(p, h) for p, h in zip(prompts, histories)]
+        return self.generate_ids(ids, max_new_tokens, batch_size)
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int | None = None,
+                     batch_size: int = 8,
+                     on_batch: Callable[[int, int], None] | None = None) -> list[str]:
+        """Greedy answers to already-encoded prompts, left-padded into batches.
+
+        ``on_batch(done, total)`` is called after each batch, for progress reports.
+
+        In float32 each answer equals what ``generate`` gives for that prompt alone: the
+        padding is masked and positions count from each prompt's first real token. Under
+        bf16 autocast a padded batch rounds differently, so a near-tie can go the other way.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        # Similar lengths together waste less compute on padding; answers go back in order.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        answers: list[str] = [""] * len(prompts)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            for i, answer in zip(chunk, self._generate_padded([prompts[i] for i in chunk],
+                                                             max_new_tokens)):
+                answers[i] = answer
+            if on_batch is not None:
+                on_batch(start + len(chunk), len(prompts))
+        return answers
+
+    def _generate_padded(self, prompts: Sequence[Sequence[int]],
+                         max_new_tokens: int | None) -> list[str]:
+        import torch
+
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts],
+                           device=self.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
+                            device=self.device)
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                             enabled=self.bf16):
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask,
+                max_new_tokens=max_new_tokens or self.config.max_new_tokens, do_sample=False,
+                eos_token_id=self.stop_ids, pad_token_id=pad)
+        return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip()
+                for row in out]
+
+    def stream(self, prompt: str, history: Sequence[tuple[str, str]] = (),
+               max_new_tokens: int | None = None) -> Iterator[str]:
+        """``generate``'s answer in pieces as they are produced (for chat).
+
+        The pieces joined and stripped equal ``generate(prompt, history)``: generation is the
+        same call, run in a thread that feeds a streamer.
+        """
+        import threading
+
+        import torch
+        from transformers import TextIteratorStreamer
+
+        ids = torch.tensor([self.prompt_ids(prompt, history)], device=self.device)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True,
+                                        skip_special_tokens=True)
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                                     enabled=self.bf16):
+                    self.model.generate(
+                        input_ids=ids, attention_mask=torch.ones_like(ids),
+                        max_new_tokens=max_new_tokens or self.config.max_new_tokens,
+                        do_sample=False, eos_token_id=self.stop_ids,
+                        pad_token_id=self.tokenizer.pad_token_id, streamer=streamer)
+            except BaseException as exc:  # re-raised in the caller's thread below
+                failure.append(exc)
+                streamer.end()  # otherwise the consumer waits forever for the end marker
+
+        thread = threading.Thread(target=run, name="glmtune-generate", daemon=True)
+        thread.start()
+        started = False
+        for piece in streamer:
+            if not started:
+                # generate() strips the answer; a stream must not start with what it drops
+                piece = piece.lstrip()
+                started = bool(piece)
+            if piece:
+                yield piece
+        thread.join()
+        if failure:
+            raise failure[0]
+
+    @contextmanager
+    def base_model(self):
+        """Within the block the adapter is switched off: the bare base model answers."""
+        disable = getattr(self.model, "disable_adapter", None)
+        with disable() if callable(disable) else nullcontext():
+            yield self
 
 
 def _adapter_base(adapter: str) -> str:

@@ -79,6 +79,20 @@ class MetricsLog:
         self.path = path
         self.records: list[dict] = []
 
+    def reset(self) -> None:
+        self.records = []
+        self.path.unlink(missing_ok=True)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: forget what the interrupted run logged after its checkpoint."""
+        records = []
+        if self.path.is_file():
+            records = [json.loads(line) for line in self.path.read_text("utf-8").splitlines()
+                       if line.strip()]
+        self.records = [r for r in records if r.get("step", 0) <= step]
+        write_text_atomic(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                              for r in self.records))
+
     def write(self, record: dict) -> None:
         self.records.append(record)
         self.path.parent.mkdir(parents=True, exist_ok=True)

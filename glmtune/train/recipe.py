@@ -13,11 +13,15 @@ CPUs, which measured 1.7x faster than fp32 here.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable, Sequence
 
 from glmtune import hardware
 from glmtune.config import TrainConfig, save_yaml
@@ -26,7 +30,7 @@ from glmtune.errors import GlmtuneError
 from glmtune.model import load, lora, tiny_glm
 from glmtune.model.family import Family, detect_family, template_override
 from glmtune.plan import Plan, make_plan
-from glmtune.train import artifacts
+from glmtune.train import artifacts, checkpoint, faults
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +42,17 @@ class TrainResult:
     eval_losses: list[tuple[int, float]]
     train_loss: float | None
     seconds: float
+    interrupted: str | None = None   # the signal (or "request") that stopped the run early
+    resume_command: str | None = None
 
 
 class FineTuner:
-    def __init__(self, config: TrainConfig):
+    def __init__(self, config: TrainConfig,
+                 callbacks: Sequence[Callable[[int, "FineTuner"], None]] = ()):
+        """``callbacks`` are called as ``callback(step, tuner)`` after every optimizer step."""
         self.config = config.validate()
+        self.callbacks = list(callbacks)
+        self._stop_requested: str | None = None
         self.plan: Plan | None = None
         self.source: load.ModelSource | None = None
         self.family: Family | None = None
@@ -69,6 +79,7 @@ class FineTuner:
             log.info("training embeddings and LM head too"
                      + (" (tiny-glm's base is random: LoRA alone cannot learn on it)"
                         if untrained_base else ""))
+        torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn here: same seed, same start
         self.model = lora.attach_lora(
             model, self.family, r=cfg.lora_r, alpha=cfg.effective_lora_alpha,
             dropout=cfg.lora_dropout, targets=cfg.target_modules,
@@ -101,25 +112,72 @@ class FineTuner:
     def train(self) -> TrainResult:
         cfg = self.config
         out = Path(cfg.output_dir)
-        _check_output_dir(out, cfg.overwrite)
+        _check_output_dir(out, cfg)
         if self.train_set is None:
             self.prepare_datasets()  # data errors surface before the model is loaded
         if self.model is None:
             self.setup_model_and_tokenizer()
         return _Fit(self, out).run()
 
+    def request_stop(self) -> None:
+        """Finish the current optimizer step, save a checkpoint and return."""
+        self._stop_requested = "request"
 
-def train(config: TrainConfig) -> TrainResult:
+
+def train(config: TrainConfig, callbacks: Sequence[Callable[[int, "FineTuner"], None]] = ()
+          ) -> TrainResult:
     """Fine-tune with ``config`` and save the adapter: the one-call API."""
-    return FineTuner(config).train()
+    return FineTuner(config, callbacks=callbacks).train()
 
 
-def _check_output_dir(out: Path, overwrite: bool) -> None:
+def _check_output_dir(out: Path, cfg: TrainConfig) -> None:
+    """Refuse anything that would overwrite or orphan earlier work without being asked."""
     if out.exists() and not out.is_dir():
         raise GlmtuneError(f"{out}: output_dir exists and is not a directory")
-    if (out / artifacts.ADAPTER_CONFIG).exists() and not overwrite:
+    if (out / artifacts.ADAPTER_CONFIG).exists() and not cfg.overwrite:
         raise GlmtuneError(f"{out}: already holds a finished adapter; pass --overwrite "
                            "(Make: OVERWRITE=1) to replace it, or choose another --output-dir")
+    if cfg.resume and cfg.resume != "auto" and not Path(cfg.resume).is_dir():
+        raise GlmtuneError(f"{cfg.resume}: resume checkpoint not found (expected 'auto' or a "
+                           "checkpoint-N directory)")
+    if not cfg.resume and checkpoint.list_checkpoints(out) and not cfg.overwrite:
+        raise GlmtuneError(f"{out}: holds checkpoints of an unfinished run; continue it with "
+                           "--resume auto (Make: RESUME=auto), or pass --overwrite to start over")
+
+
+class _StopOnSignal:
+    """Ctrl-C / SIGTERM (docker stop): finish the step, checkpoint, exit. Twice: abort now."""
+
+    SIGNALS = ("SIGINT", "SIGTERM")
+
+    def __init__(self, tuner: FineTuner):
+        self.tuner, self.previous = tuner, {}
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                sig = getattr(signal, name)
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.tuner._stop_requested:
+            raise KeyboardInterrupt
+        self.tuner._stop_requested = signal.Signals(signum).name
+        log.warning("%s received: saving a checkpoint after this step "
+                    "(press Ctrl-C again to abort without saving)", self.tuner._stop_requested)
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
 
 
 class _Fit:
@@ -139,60 +197,100 @@ class _Fit:
         self.steps_per_epoch = max(1, math.ceil(self.micro_per_epoch / self.cfg.grad_accum))
         self.total_steps = self.cfg.max_steps or max(1, math.ceil(self.cfg.epochs * self.steps_per_epoch))
         self.eval_every = self.cfg.eval_steps or max(1, self.total_steps // 5)
+        self.save_every = self.cfg.save_steps or self.steps_per_epoch
         self.metrics = artifacts.MetricsLog(out / "metrics.jsonl")
-        self.eval_losses: list[tuple[int, float]] = []
+        self.state = checkpoint.TrainerState(config=self.cfg.to_dict())
 
     def run(self) -> TrainResult:
         import torch
 
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "metrics.jsonl").unlink(missing_ok=True)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self._start_or_resume()
         log.info("training: %d rows, %d optimizer steps (%.2f epochs), effective batch %d",
                  len(self.tuner.train_set.rows), self.total_steps,
                  self.total_steps / self.steps_per_epoch, cfg.batch_size * cfg.grad_accum)
 
         started = time.perf_counter()
-        if self.tuner.val_set:
-            self._evaluate(step=0)
-        batches = self._batches()
-        bar = _progress(self.total_steps)
-        window_loss, window_tokens, window_start, last_loss = 0.0, 0, time.perf_counter(), None
-        for step in range(1, self.total_steps + 1):
-            loss_sum, tokens = self._optimizer_step(batches, optimizer, params)
-            scheduler.step()
-            window_loss += loss_sum
-            window_tokens += tokens
-            if step % cfg.logging_steps == 0 or step == self.total_steps:
-                elapsed = time.perf_counter() - window_start
-                last_loss = window_loss / max(window_tokens, 1)
-                record = {"step": step, "epoch": round(step / self.steps_per_epoch, 3),
-                          "loss": round(last_loss, 5), "lr": scheduler.get_last_lr()[0],
-                          "tokens_per_s": round(window_tokens / max(elapsed, 1e-9), 1),
-                          "rss_gb": round(_rss_gb(), 3)}
-                self.metrics.write(record)
-                bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                                rss=f"{record['rss_gb']:.2f}G")
-                log.info("%s", {k: record[k] for k in ("loss", "lr", "epoch")})
-                window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
-            if self.tuner.val_set and (step % self.eval_every == 0 or step == self.total_steps):
-                self._evaluate(step)
-            bar.update(1)
+        batches = self._batches(self.state.micro_batches)
+        bar = _progress(self.total_steps, self.state.step)
+        window_start, last_loss = time.perf_counter(), None
+        with _StopOnSignal(self.tuner):
+            for step in range(self.state.step + 1, self.total_steps + 1):
+                loss_sum, tokens = self._optimizer_step(batches, params)
+                self.scheduler.step()
+                st = self.state
+                st.step, st.micro_batches = step, st.micro_batches + cfg.grad_accum
+                st.window_loss += loss_sum
+                st.window_tokens += tokens
+                if step % cfg.logging_steps == 0 or step == self.total_steps:
+                    last_loss = self._log_window(bar, time.perf_counter() - window_start)
+                    window_start = time.perf_counter()
+                if self.tuner.val_set and (step % self.eval_every == 0 or step == self.total_steps):
+                    self._evaluate(step)
+                bar.update(1)
+                faults.point("step-end", step)
+                for callback in self.tuner.callbacks:
+                    callback(step, self.tuner)
+                stopping = self.tuner._stop_requested and step < self.total_steps
+                if stopping or (step % self.save_every == 0 and step < self.total_steps):
+                    self._checkpoint()
+                if stopping:
+                    bar.close()
+                    return self._interrupted(time.perf_counter() - started)
         bar.close()
         seconds = time.perf_counter() - started
         self._save()
-        if len(self.eval_losses) > 1:
-            first, last = self.eval_losses[0][1], self.eval_losses[-1][1]
-            log.info("validation loss %.4f -> %.4f (%.0f%% lower)", first, last,
-                     100 * (1 - last / first))
+        losses = self.state.eval_losses
+        if len(losses) > 1:
+            log.info("validation loss %.4f -> %.4f (%.0f%% lower)", losses[0][1], losses[-1][1],
+                     100 * (1 - losses[-1][1] / losses[0][1]))
         log.info("done in %.1f s; adapter saved to %s", seconds, self.out)
-        return TrainResult(self.out, self.total_steps, self.eval_losses, last_loss, seconds)
+        return TrainResult(self.out, self.total_steps, [tuple(x) for x in losses], last_loss, seconds)
 
     # -- steps --------------------------------------------------------------
+    def _start_or_resume(self) -> None:
+        cfg = self.cfg
+        resume_from = checkpoint.find_resume_point(self.out, cfg.resume) if cfg.resume else None
+        if resume_from is None:
+            if cfg.resume:
+                log.info("--resume auto: no checkpoint in %s yet, starting from scratch", self.out)
+            # --overwrite of an earlier run: its checkpoints must not be resumed into this one
+            for _, old in checkpoint.list_checkpoints(self.out):
+                shutil.rmtree(old)
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.metrics.reset()
+            if self.tuner.val_set:
+                self._evaluate(step=0)
+            return
+        saved = json.loads((resume_from / checkpoint.STATE_FILE).read_text("utf-8"))["config"]
+        differences = checkpoint.config_differences(saved, cfg.to_dict())
+        if differences and not cfg.resume_override:
+            raise GlmtuneError(f"{resume_from}: cannot resume, these settings differ from the "
+                               "checkpoint's (pass --resume-override to resume anyway):\n  - "
+                               + "\n  - ".join(differences))
+        self.state = checkpoint.load(resume_from, self.model, self.optimizer, self.scheduler)
+        self.state.config = cfg.to_dict()
+        self.metrics.truncate_after(self.state.step)
+        log.info("resumed from %s at step %d", resume_from, self.state.step)
+
+    def _log_window(self, bar, elapsed: float) -> float:
+        st = self.state
+        loss = st.window_loss / max(st.window_tokens, 1)
+        record = {"step": st.step, "epoch": round(st.step / self.steps_per_epoch, 3),
+                  "loss": round(loss, 5), "lr": self.scheduler.get_last_lr()[0],
+                  "tokens_per_s": round(st.window_tokens / max(elapsed, 1e-9), 1),
+                  "rss_gb": round(_rss_gb(), 3)}
+        self.metrics.write(record)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                        rss=f"{record['rss_gb']:.2f}G")
+        log.info("%s", {k: record[k] for k in ("loss", "lr", "epoch")})
+        st.window_loss, st.window_tokens = 0.0, 0
+        return loss
+
     def _lr_factor(self, step: int) -> float:
         """Linear warm-up, then cosine decay to 10% of the peak."""
         warmup = int(self.cfg.warmup_ratio * self.total_steps)
@@ -201,20 +299,21 @@ class _Fit:
         progress = (step - warmup) / max(1, self.total_steps - warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    def _batches(self):
-        """Endless micro-batches; epoch e is shuffled with seed + e, so the order is reproducible."""
+    def _batches(self, skip: int):
+        """Endless micro-batches from position ``skip``; epoch e is shuffled with seed + e,
+        so the order is reproducible and a resumed run sees exactly the same batches."""
         import torch
 
         rows = self.tuner.train_set.rows
-        epoch = 0
+        epoch, offset = divmod(skip, self.micro_per_epoch)
         while True:
             order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
-            for start in range(0, len(rows), self.cfg.batch_size):
+            for start in range(offset * self.cfg.batch_size, len(rows), self.cfg.batch_size):
                 chunk = [rows[i] for i in order[start:start + self.cfg.batch_size].tolist()]
                 yield dataset.collate(chunk, self.pad_id)
-            epoch += 1
+            epoch, offset = epoch + 1, 0
 
-    def _optimizer_step(self, batches, optimizer, params) -> tuple[float, int]:
+    def _optimizer_step(self, batches, params) -> tuple[float, int]:
         import torch
 
         micro = [next(batches) for _ in range(self.cfg.grad_accum)]
@@ -226,8 +325,8 @@ class _Fit:
             loss_sum += loss.item() * tokens
         if self.cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         return loss_sum, tokens
 
     def _loss_sum(self, batch):
@@ -256,10 +355,27 @@ class _Fit:
                 tokens += int((batch["labels"][:, 1:] != dataset.IGNORE_INDEX).sum())
         self.model.train()
         value = total / max(tokens, 1)
-        self.eval_losses.append((step, value))
+        st = self.state
+        st.eval_losses.append([step, value])
+        if step and (st.best_step is None or value < dict(map(tuple, st.eval_losses))[st.best_step]):
+            st.best_step = step
         self.metrics.write({"step": step, "eval_loss": round(value, 5)})
         log.info("%s", {"eval_loss": round(value, 4), "step": step})
         return value
+
+    def _checkpoint(self) -> None:
+        protect = {self.state.best_step} if self.cfg.save_best and self.state.best_step else set()
+        path = checkpoint.save(self.out, self.state, self.model, self.optimizer, self.scheduler,
+                               keep=self.cfg.save_total_limit, protect=protect)
+        log.info("checkpoint saved: %s", path)
+
+    def _interrupted(self, seconds: float) -> TrainResult:
+        command = _resume_command()
+        log.warning("stopped at step %d of %d; resume with:\n  %s", self.state.step,
+                    self.total_steps, command)
+        return TrainResult(self.out, self.state.step, [tuple(x) for x in self.state.eval_losses],
+                           None, seconds, interrupted=self.tuner._stop_requested,
+                           resume_command=command)
 
     def _save(self) -> None:
         """Adapter + tokenizer + resolved config, staged then published atomically."""
@@ -274,16 +390,34 @@ class _Fit:
             artifacts.plot_losses(self.metrics.records, self.out / "loss.png")
 
 
+def _resume_command() -> str:
+    """The command that continues this run: the same one, with resume on."""
+    import shlex
+    import sys
+
+    from glmtune.config import make_variables
+
+    if os.environ.get("MAKELEVEL"):  # started by `make train VAR=...`
+        given = [f"{var}={shlex.quote(os.environ[var])}" for var in make_variables(TrainConfig)
+                 if os.environ.get(var) and var != "RESUME"]
+        return shlex.join(["make", "train"]) + "".join(" " + g for g in given) + " RESUME=auto"
+    launcher = {"glmtune": ["glmtune"], "__main__.py": ["python", "-m", "glmtune"]}
+    if sys.argv and Path(sys.argv[0]).name in launcher:
+        argv = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume", "auto"])
+        return shlex.join([*launcher[Path(sys.argv[0]).name], *argv])
+    return "the same call with resume='auto' (e.g. TrainConfig(..., resume='auto'))"
+
+
 def _rss_gb() -> float:
     import psutil
 
     return psutil.Process().memory_info().rss / 1e9
 
 
-def _progress(total: int):
+def _progress(total: int, done: int = 0):
     from tqdm.auto import tqdm
 
     # disable=None: no bar when output is not a terminal (CI logs, files); the
     # log lines carry the same numbers there.
-    return tqdm(total=total, desc="train", unit="step", dynamic_ncols=True, leave=True,
-                disable=None)
+    return tqdm(total=total, initial=done, desc="train", unit="step", dynamic_ncols=True,
+                leave=True, disable=None)

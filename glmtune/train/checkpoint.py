@@ -1,0 +1,171 @@
+"""Resumable checkpoints: written atomically, found safely, resumed exactly.
+
+A checkpoint is ``OUTPUT_DIR/checkpoint-N/`` holding the adapter, the
+optimizer and scheduler state, the RNG states and the position in the data.
+It is assembled in a temporary sibling and renamed into place in one
+``os.rename``, so a directory named ``checkpoint-N`` is always complete: a
+crash (even ``kill -9``) mid-save leaves only a ``.checkpoint-N.tmp-*``
+directory, which resume ignores and the next save clears away.
+
+Everything is loaded back with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from glmtune.errors import GlmtuneError
+from glmtune.train import faults
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "trainer_state.json"
+TENSORS_FILE = "optimizer.pt"
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+# Fields that change what the training computes: resuming with other values
+# would silently produce a different model than either run describes.
+SEMANTIC_FIELDS = ("model", "data", "max_samples", "max_seq_len", "template", "lora_r",
+                   "lora_alpha", "lora_dropout", "target_modules", "train_embeddings",
+                   "batch_size", "grad_accum", "seed", "quant")
+
+
+@dataclass
+class TrainerState:
+    """What, besides tensors, a run needs to continue exactly where it stopped."""
+
+    step: int = 0
+    micro_batches: int = 0          # micro-batches consumed (= data position)
+    window_loss: float = 0.0        # partial logging window, so logged losses match
+    window_tokens: int = 0
+    eval_losses: list[list[float]] = field(default_factory=list)
+    best_step: int | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first (temporaries never match the name)."""
+    if not out.is_dir():
+        return []
+    found = []
+    for path in out.iterdir():
+        match = _NAME.match(path.name)
+        if match and path.is_dir() and (path / STATE_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def save(out: Path, state: TrainerState, model, optimizer, scheduler, *,
+         keep: int | None, protect: set[int] = frozenset()) -> Path:
+    import torch
+
+    from glmtune.train.artifacts import staging_dir
+
+    target = out / f"checkpoint-{state.step}"
+    _remove_stale_temporaries(out)
+    with staging_dir(target) as staged:
+        model.save_pretrained(staged)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state()}, staged / TENSORS_FILE)
+        faults.point("checkpoint-save", state.step)
+        # written last: list_checkpoints() only counts directories that have it
+        (staged / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1), "utf-8")
+        for child in staged.iterdir():
+            with open(child, "rb") as fh:
+                os.fsync(fh.fileno())
+        if target.exists():  # an earlier run's checkpoint of the same step (--overwrite)
+            shutil.rmtree(target)
+        os.rename(staged, target)
+    _prune(out, keep, protect | {state.step})
+    return target
+
+
+def load(path: Path, model, optimizer, scheduler) -> TrainerState:
+    """Restore a checkpoint into an already-built model / optimizer / scheduler."""
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        state = TrainerState(**json.loads((path / STATE_FILE).read_text("utf-8")))
+        tensors = torch.load(path / TENSORS_FILE, weights_only=True, map_location="cpu")
+        weights = load_file(path / "adapter_model.safetensors")
+    except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as exc:
+        raise GlmtuneError(f"{path}: checkpoint is damaged ({str(exc).splitlines()[0]}); "
+                           "resume from an earlier checkpoint-N with --resume PATH") from exc
+    set_peft_model_state_dict(model, {k: v.to(next(model.parameters()).device)
+                                      for k, v in weights.items()})
+    optimizer.load_state_dict(tensors["optimizer"])
+    scheduler.load_state_dict(tensors["scheduler"])
+    _set_rng_state(tensors["rng"])
+    return state
+
+
+def find_resume_point(out: Path, resume: str) -> Path | None:
+    """``auto``: the newest complete checkpoint in ``out`` (None if there is none)."""
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / STATE_FILE).is_file():
+            raise GlmtuneError(f"{path}: not a complete checkpoint (no {STATE_FILE}); expected "
+                               f"a checkpoint-N directory inside an output directory")
+        return path
+    found = list_checkpoints(out)
+    return found[-1][1] if found else None
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    return [f"{name}: checkpoint has {saved.get(name)!r}, now {current.get(name)!r}"
+            for name in SEMANTIC_FIELDS if saved.get(name) != current.get(name)]
+
+
+def _prune(out: Path, keep: int | None, protect: set[int]) -> None:
+    """Drop the oldest checkpoints beyond ``keep`` — only ever after a newer one is complete."""
+    if not keep:
+        return
+    found = list_checkpoints(out)
+    removable = [(step, path) for step, path in found if step not in protect]
+    excess = len(found) - keep
+    for _, path in removable[:max(0, excess)]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Half-written checkpoints of a crashed run: never complete, safe to delete."""
+    if out.is_dir():
+        for path in out.glob(".checkpoint-*.tmp-*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    np_state = np.random.get_state()
+    _, python_state, python_gauss = random.getstate()
+    state = {"python": list(python_state), "python_gauss": python_gauss,
+             "numpy_keys": torch.from_numpy(np_state[1].astype("int64")),
+             "numpy_pos": int(np_state[2]), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate((3, tuple(state["python"]), state["python_gauss"]))
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype("uint32"),
+                         state["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
