@@ -18,6 +18,10 @@ help:
 	@echo "make train            set up (first time) and fine-tune the default job"
 	@echo "make predict          answer the demo prompt with the trained adapter"
 	@echo 'make predict-custom PROMPT="..."'
+	@echo "make eval             score the trained adapter (and its base) on the validation triplets"
+	@echo "make batch-predict FILE=prompts.txt   answer a .txt/.jsonl of prompts (resumable)"
+	@echo "make chat             talk to the trained adapter (/clear, /exit)"
+	@echo "make export           merge the adapter into its base and save a standalone model"
 	@echo "make test             run the test suite (what CI runs)"
 	@echo "make test-fast        only the fast tests"
 	@echo "make clean            remove what glmtune generated (asks; FORCE=1 skips)"
@@ -47,6 +51,25 @@ predict: setup
 predict-custom: setup
 	@test -n "$(PROMPT)" || { echo 'usage: make predict-custom PROMPT="your prompt"'; exit 2; }
 	$(GLMTUNE) predict --from-make
+
+# Using the trained adapter: ADAPTER= picks another one; every variable maps to a
+# flag of the command (`make help`).
+.PHONY: eval batch-predict chat export
+
+eval: setup $(if $(EVAL_DATA),,data)
+	$(GLMTUNE) eval --task triplet --from-make --compare-base
+
+# Batch answers are JSON Lines, so they do not go to the single-answer .txt.
+batch-predict: PREDICTION_FILE = data/output/predictions.jsonl
+batch-predict: setup
+	@test -n "$(FILE)" || { echo 'usage: make batch-predict FILE=prompts.txt (or .jsonl)'; exit 2; }
+	$(GLMTUNE) predict --file "$(FILE)" --from-make
+
+chat: setup
+	$(GLMTUNE) chat --from-make
+
+export: setup
+	$(GLMTUNE) export --from-make
 
 test: setup
 	$(BIN)/python -m pytest -m "not gpu" -q

@@ -56,6 +56,9 @@ def config_from_args(args: argparse.Namespace, cls: type):
     if problems:
         raise ConfigError(problems, "command-line flags")
     layers.append(values)
+    if cls is cfg.TrainConfig:
+        preset = next((layer["preset"] for layer in reversed(layers) if "preset" in layer), "none")
+        return cls.from_preset(preset, *layers)
     return cfg.build_config(cls, *layers)
 
 
@@ -71,7 +74,7 @@ def cmd_train(args) -> int:
     result = train(config)
     if result.interrupted:
         print(f"stopped early at step {result.steps}; resume with: {result.resume_command}")
-        return {"SIGINT": 130, "SIGTERM": 143}.get(result.interrupted, 1)
+        return {"SIGINT": 130, "SIGTERM": 143, "memory guard": 3}.get(result.interrupted, 1)
     if result.eval_losses:
         first, last = result.eval_losses[0][1], result.eval_losses[-1][1]
         print(f"validation loss: {first:.4f} -> {last:.4f}")
@@ -80,13 +83,89 @@ def cmd_train(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    config = config_from_args(args, cfg.PredictConfig)
+    if config.file:
+        from glmtune.infer.batch import batch_predict
+
+        result = batch_predict(config)
+        print(f"{result.answered} answered, {result.skipped} already answered earlier, "
+              f"{result.total} prompts in {config.file}; answers in {result.out}")
+        return 0
     from glmtune.infer.predict import predict
 
-    config = config_from_args(args, cfg.PredictConfig)
     answer = predict(config)
     print(answer)
     if config.out:
         log.info("prediction written to %s", config.out)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from glmtune.evaluate.run import evaluate
+
+    result = evaluate(config_from_args(args, cfg.EvalConfig))
+    print(result.report)
+    print(f"\npredictions, report and metrics written to {result.output_dir}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from glmtune.infer.chat import run_chat
+    from glmtune.infer.predict import Predictor
+
+    config = config_from_args(args, cfg.ChatConfig)
+    predictor = Predictor(cfg.PredictConfig(
+        adapter=config.adapter, model=config.model, trust_remote_code=config.trust_remote_code,
+        template=config.template, max_new_tokens=config.max_new_tokens, bf16=config.bf16,
+        threads=config.threads, out=None))
+    run_chat(predictor)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from glmtune.infer.export import TOLERANCE, export
+
+    result = export(config_from_args(args, cfg.ExportConfig))
+    print(f"verified: merged logits equal base + adapter logits on a {result.probe_tokens}-token "
+          f"probe prompt (max |difference| {result.max_abs_diff:.2e} <= {TOLERANCE:g}, float32)")
+    print(f"merged model (safetensors + tokenizer) saved to {result.out}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    """What `glmtune train` would do here, without loading the model."""
+    import json
+
+    from glmtune import estimate, hardware, presets
+    from glmtune.model import load, tiny_glm
+    from glmtune.plan import make_plan
+
+    if args.list_presets:
+        print(presets.table())
+        return 0
+    config = config_from_args(args, cfg.TrainConfig)
+    hw = hardware.detect()
+    source = load.resolve(config.model)
+    train_embeddings = config.train_embeddings == "true" or (
+        config.train_embeddings == "auto" and tiny_glm.is_tiny(source.path))
+    shard = estimate.largest_shard_bytes(source.path) if source.local else 0
+    preset_note = presets.pick(hw)[1] if config.preset == "auto" else None
+    plan, final = make_plan(config, hw, source.config or None, shard, train_embeddings)
+    if args.json:
+        print(json.dumps({"hardware": hardware.describe(hw).splitlines(), "preset": preset_note,
+                          "plan": plan.to_dict(), "config": final.to_dict()}, indent=2,
+                         ensure_ascii=False))
+        return 0
+    print(hardware.describe(hw))
+    if preset_note:
+        print(f"preset: {preset_note}")
+    print(f"plan: {plan.describe()}")
+    if plan.predicted is not None:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in plan.predicted.breakdown().items() if k != "peak")
+        print(f"predicted peak memory: {plan.predicted.peak / hardware.GB:.2f} GB ({parts} GB)")
+    print("settings: " + ", ".join(f"{k}={getattr(final, k)}" for k in (
+        "quant", "batch_size", "grad_accum", "max_seq_len", "gradient_checkpointing", "lora_r",
+        "max_samples")))
     return 0
 
 
@@ -105,7 +184,8 @@ def cmd_data_triplets(args) -> int:
 def cmd_make_vars(args) -> int:
     """The Makefile variables, derived from the schema (used by `make help`)."""
     seen = {}
-    for cls in (cfg.TrainConfig, cfg.PredictConfig):
+    for cls in (cfg.TrainConfig, cfg.PredictConfig, cfg.EvalConfig, cfg.ChatConfig,
+                cfg.ExportConfig):
         for var, name in cfg.make_variables(cls).items():
             seen.setdefault(var, (name, _field(cls, name).metadata["help"]))
     for var, (name, help_text) in seen.items():
@@ -129,9 +209,30 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p, cfg.TrainConfig)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("predict", help="answer a prompt with a trained adapter")
+    p = sub.add_parser("plan", help="show the hardware, the settings a run would use and its "
+                                    "predicted peak memory")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--list-presets", action="store_true", help="print the preset table")
+    with_config(p, cfg.TrainConfig)
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("predict", help="answer a prompt (or a --file of prompts) with a "
+                                       "trained adapter")
     with_config(p, cfg.PredictConfig)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("eval", help="score an adapter on held-out data (triplet P/R/F1, or "
+                                    "ROUGE / BLEU)")
+    with_config(p, cfg.EvalConfig)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("chat", help="talk to the model with an adapter, multi-turn")
+    with_config(p, cfg.ChatConfig)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("export", help="merge an adapter into its base model and save it")
+    with_config(p, cfg.ExportConfig)
+    p.set_defaults(func=cmd_export)
 
     data = sub.add_parser("data", help="data utilities").add_subparsers(
         dest="data_command", required=True, metavar="DATA_COMMAND")

@@ -89,10 +89,25 @@ class TrainConfig:
                                  choices=TRI_STATE, default="auto")
 
     # --- hardware ----------------------------------------------------------
+    preset: str = _opt("settings for a kind of machine: none, auto (picked from the detected "
+                       "hardware), a CPU memory tier cpu-4gb|cpu-8gb|cpu-16gb|cpu-32gb, a GPU "
+                       "preset small|medium|large, or fast (a quick test); explicit options "
+                       "override it", make="PRESET", default="none")
+    memory_limit: float | None = _opt("memory budget in GB (default: available memory minus a "
+                                      "margin); the plan shrinks the run to fit it",
+                                      make="MEMORY_LIMIT")
+    oom_guard: float = _opt("checkpoint and stop when RSS crosses this fraction of the budget "
+                            "(0 disables)", make="OOM_GUARD", default=0.9)
+    auto_shrink: bool = _opt("when the memory guard fires, halve the micro-batch and double "
+                             "accumulation instead of stopping", make="AUTO_SHRINK", default=False)
     quant: str = _opt("load the frozen base quantized", make="QUANT_LEVEL",
                       choices=QUANT_LEVELS, default="none")
     bf16: str = _opt("bf16 autocast: auto (when the CPU/GPU supports it), true or false",
                      choices=TRI_STATE, default="auto")
+    base_dtype: str = _opt("dtype of the frozen, unquantized base weights: auto (bfloat16 where "
+                           "bf16 is fast, else float32), float32 or bfloat16; trained "
+                           "parameters are always float32", make="BASE_DTYPE",
+                           choices=("auto", "float32", "bfloat16"), default="auto")
     gradient_checkpointing: bool = _opt("recompute activations in backward to save memory",
                                         make="GRADIENT_CHECKPOINTING", default=False)
     threads: int | None = _opt("CPU threads for torch/OMP/MKL (default: physical cores)",
@@ -136,6 +151,14 @@ class TrainConfig:
             found.append(f"lr: must be > 0, got {self.lr}")
         if not 0 <= self.lora_dropout < 1:
             found.append(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+        if not 0 <= self.oom_guard <= 1:
+            found.append(f"oom_guard: must be a fraction in [0, 1], got {self.oom_guard}")
+        if self.memory_limit is not None and not self.memory_limit > 0:
+            found.append(f"memory_limit: must be > 0 GB, got {self.memory_limit}")
+        from glmtune.presets import PRESETS
+
+        if self.preset not in ("none", *PRESETS):
+            found.append(f"preset: must be one of none, {', '.join(PRESETS)}, got {self.preset!r}")
         if not 0 <= self.warmup_ratio < 1:
             found.append(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
@@ -155,6 +178,16 @@ class TrainConfig:
         if found:
             raise ConfigError(found, source)
         return self
+
+    @classmethod
+    def from_preset(cls, preset: str, *layers: dict[str, Any], hw=None, **overrides) -> "TrainConfig":
+        """Defaults < preset < each layer < keyword overrides: explicit settings win."""
+        from glmtune.presets import preset_overrides
+
+        merged: dict[str, Any] = {}
+        for layer in (*layers, overrides):
+            merged.update(layer)
+        return build_config(cls, preset_overrides(preset, hw), merged, {"preset": preset})
 
     @property
     def resolved_val_data(self) -> str | None:

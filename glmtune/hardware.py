@@ -12,6 +12,17 @@ from functools import lru_cache
 from pathlib import Path
 
 
+GB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    total_bytes: int
+    free_bytes: int
+    bf16: bool
+
+
 @dataclass(frozen=True)
 class Hardware:
     physical_cores: int
@@ -19,6 +30,10 @@ class Hardware:
     cpu_flags: frozenset[str] = field(default_factory=frozenset)
     cuda_devices: int = 0
     cuda_bf16: bool = False
+    total_ram: int = 0        # bytes, the smaller of the machine's and the cgroup's limit
+    available_ram: int = 0    # bytes the OS could give us now, within the cgroup limit
+    cgroup_limit: int | None = None
+    gpus: tuple[Gpu, ...] = ()
 
     @property
     def cpu_bf16(self) -> bool:
@@ -37,6 +52,49 @@ class Hardware:
     @property
     def bf16(self) -> bool:
         return self.cuda_bf16 if self.cuda_devices else self.cpu_bf16
+
+
+def _cgroup_memory() -> tuple[int | None, int]:
+    """(limit, usage) of this container's memory cgroup; limit None when unlimited."""
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            raw = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if raw == "max" or not raw.isdigit() or int(raw) >= 1 << 60:
+            return None, 0
+        try:
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            usage = 0
+        return int(raw), usage
+    return None, 0
+
+
+def memory() -> tuple[int, int, int | None]:
+    """(total, available, cgroup limit) in bytes, respecting a container's limit."""
+    import psutil
+
+    vm = psutil.virtual_memory()
+    limit, usage = _cgroup_memory()
+    if limit is None:
+        return vm.total, vm.available, None
+    return min(vm.total, limit), max(0, min(vm.available, limit - usage)), limit
+
+
+def _gpus() -> tuple[Gpu, ...]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return ()
+    found = []
+    for index in range(torch.cuda.device_count()):
+        free, total = torch.cuda.mem_get_info(index)
+        props = torch.cuda.get_device_properties(index)
+        found.append(Gpu(props.name, total, free, props.major >= 8))
+    return tuple(found)
 
 
 def _cpu_flags() -> frozenset[str]:
@@ -62,10 +120,22 @@ def detect() -> Hardware:
         physical, logical = min(physical, allowed), min(logical, allowed)
     except AttributeError:
         pass
-    cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = _gpus()
+    total, available, limit = memory()
     return Hardware(
         physical_cores=max(1, physical), logical_cores=max(1, logical), cpu_flags=_cpu_flags(),
-        cuda_devices=cuda, cuda_bf16=bool(cuda and torch.cuda.is_bf16_supported()))
+        cuda_devices=len(gpus), cuda_bf16=bool(gpus and torch.cuda.is_bf16_supported()),
+        total_ram=total, available_ram=available, cgroup_limit=limit, gpus=gpus)
+
+
+def describe(hw: Hardware) -> str:
+    cpu = (f"CPU: {hw.physical_cores} physical / {hw.logical_cores} logical cores, bf16 "
+           f"{'yes' + (' (AMX)' if hw.cpu_amx else '') if hw.cpu_bf16 else 'no'}")
+    ram = (f"RAM: {hw.total_ram / GB:.1f} GB total, {hw.available_ram / GB:.1f} GB available"
+           + (f" (container limit {hw.cgroup_limit / GB:.1f} GB)" if hw.cgroup_limit else ""))
+    gpus = [f"GPU {i}: {g.name}, {g.total_bytes / GB:.1f} GB ({g.free_bytes / GB:.1f} free), "
+            f"bf16 {'yes' if g.bf16 else 'no'}" for i, g in enumerate(hw.gpus)] or ["GPU: none"]
+    return "\n".join([cpu, ram, *gpus])
 
 
 def set_threads(threads: int | None) -> int:

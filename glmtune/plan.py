@@ -1,12 +1,23 @@
-"""Config + hardware -> the concrete settings a run uses, with the reasons."""
+"""Config + hardware + model shape -> the settings a run uses, and why.
+
+The plan decides device, bf16, threads, base dtype and quantization, then
+predicts peak memory (``estimate.py``). When the prediction exceeds the
+budget it shrinks the run step by step — gradient checkpointing, then the
+micro-batch (raising accumulation so the effective batch stays), then
+quantization, then sequence length — and says which. When nothing fits it
+refuses before anything is loaded, saying what would.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
+from glmtune import estimate as est
 from glmtune.config import TrainConfig
 from glmtune.errors import GlmtuneError
-from glmtune.hardware import Hardware
+from glmtune.hardware import GB, Hardware
+
+MIN_SEQ_LEN = 128
 
 
 @dataclass
@@ -14,18 +25,53 @@ class Plan:
     device: str
     bf16: bool
     threads: int
+    quant: str = "none"
+    base_dtype: str = "float32"
+    budget_bytes: int | None = None
+    predicted: est.Estimate | None = None
     reasons: list[str] = field(default_factory=list)
+    changes: list[str] = field(default_factory=list)
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.base_dtype)
+
+    @property
+    def guard_bytes(self) -> int | None:
+        return None if self.budget_bytes is None else self.budget_bytes
 
     def describe(self) -> str:
-        head = f"device={self.device} bf16={'on' if self.bf16 else 'off'} threads={self.threads}"
-        return head + "".join(f"\n  - {r}" for r in self.reasons)
+        head = (f"device={self.device} bf16={'on' if self.bf16 else 'off'} "
+                f"threads={self.threads} quant={self.quant} base_dtype={self.base_dtype}")
+        if self.predicted is not None:
+            head += f" predicted peak {self.predicted.peak / GB:.2f} GB"
+            if self.budget_bytes:
+                head += f" of a {self.budget_bytes / GB:.2f} GB budget"
+        return head + "".join(f"\n  - {r}" for r in self.reasons + self.changes)
+
+    def to_dict(self) -> dict:
+        data = {k: v for k, v in asdict(self).items() if k != "predicted"}
+        data["predicted_gb"] = self.predicted.breakdown() if self.predicted else None
+        data["budget_gb"] = round(self.budget_bytes / GB, 3) if self.budget_bytes else None
+        return data
 
 
-def make_plan(config: TrainConfig, hw: Hardware) -> Plan:
+def memory_budget(config: TrainConfig, hw: Hardware) -> int:
+    """MEMORY_LIMIT if given, else what is available now minus a safety margin."""
+    if config.memory_limit is not None:
+        return int(config.memory_limit * GB)
+    if hw.gpus:
+        free = hw.gpus[0].free_bytes
+        return int(free - max(0.5 * GB, 0.05 * free))
+    return int(hw.available_ram - max(0.75 * GB, 0.1 * hw.available_ram))
+
+
+def make_plan(config: TrainConfig, hw: Hardware, model_config: dict | None = None,
+              shard_bytes: int = 0, train_embeddings: bool = False) -> tuple[Plan, TrainConfig]:
+    """The plan, and the config with any memory-driven changes applied."""
     reasons = []
-    if config.quant != "none":
-        raise GlmtuneError(f"quant: '{config.quant}' quantization is not available in this "
-                           "version of glmtune yet; use --quant none (QUANT_LEVEL=none)")
     if config.bf16 == "auto":
         bf16 = hw.bf16
         where = "GPU" if hw.cuda_devices else "CPU"
@@ -39,4 +85,93 @@ def make_plan(config: TrainConfig, hw: Hardware) -> Plan:
             reasons.append("warning: this CPU has no native bf16; bf16 will be slower than fp32")
     threads = config.threads or hw.physical_cores
     reasons.append(f"{threads} CPU threads" + ("" if config.threads else " (physical cores)"))
-    return Plan(device=hw.device, bf16=bf16, threads=threads, reasons=reasons)
+    if config.base_dtype == "auto":
+        base_dtype = "bfloat16" if bf16 else "float32"
+        reasons.append(f"frozen base weights in {base_dtype}"
+                       + (" (half the memory, no per-step casts)" if bf16 else ""))
+    else:
+        base_dtype = config.base_dtype
+    plan = Plan(device=hw.device, bf16=bf16, threads=threads, quant=config.quant,
+                base_dtype=base_dtype, reasons=reasons)
+    if model_config is None:
+        return plan, config
+    return _fit_memory(plan, config, hw, model_config, shard_bytes, train_embeddings)
+
+
+def _settings(plan: Plan, config: TrainConfig, train_embeddings: bool) -> est.Settings:
+    return est.Settings(quant=config.quant, base_dtype=plan.base_dtype, lora_r=config.lora_r,
+                        train_embeddings=train_embeddings, batch_size=config.batch_size,
+                        seq_len=config.max_seq_len,
+                        gradient_checkpointing=config.gradient_checkpointing, device=plan.device)
+
+
+def _fit_memory(plan: Plan, config: TrainConfig, hw: Hardware, model_config: dict,
+                shard_bytes: int, train_embeddings: bool) -> tuple[Plan, TrainConfig]:
+    try:
+        shape = est.shape_from_config(model_config)
+    except (KeyError, TypeError, ZeroDivisionError):
+        plan.reasons.append("memory: cannot read the model's shape from config.json; "
+                            "no prediction (the live guard still watches)")
+        return plan, config
+    budget = memory_budget(config, hw)
+    plan.budget_bytes = budget
+
+    def predict(c: TrainConfig) -> est.Estimate:
+        return est.estimate(shape, _settings(plan, c, train_embeddings), shard_bytes)
+
+    current = predict(config)
+    for step in _shrink_steps(config, plan):
+        if current.peak <= budget:
+            break
+        candidate, note = step
+        trial = predict(candidate)
+        plan.changes.append(f"{note} to fit the {budget / GB:.2f} GB budget "
+                            f"(predicted {current.peak / GB:.2f} -> {trial.peak / GB:.2f} GB)")
+        config, current = candidate, trial
+    plan.quant = config.quant
+    plan.predicted = current
+    if current.peak > budget:
+        raise GlmtuneError(
+            f"memory: this run needs about {current.peak / GB:.1f} GB but the budget is "
+            f"{budget / GB:.1f} GB (MEMORY_LIMIT, default: available memory minus a margin); "
+            f"the smallest setting tried ({_brief(config)}) still does not fit. It would fit "
+            f"with MEMORY_LIMIT={current.peak / GB:.1f} or more"
+            + _smaller_model_hint(shape, budget, current) + ". Nothing was loaded.")
+    return plan, config
+
+
+def _shrink_steps(config: TrainConfig, plan: Plan):
+    """Ever-cheaper variants of ``config``: each step keeps the previous ones' changes."""
+    c = config
+    if not c.gradient_checkpointing:
+        c = replace(c, gradient_checkpointing=True)
+        yield c, "turned on gradient checkpointing"
+    while c.batch_size > 1:
+        c = replace(c, batch_size=c.batch_size // 2, grad_accum=c.grad_accum * 2)
+        yield c, (f"micro-batch {c.batch_size * 2} -> {c.batch_size}, accumulation "
+                  f"{c.grad_accum // 2} -> {c.grad_accum} (same effective batch)")
+    for quant in ("8bit", "4bit"):
+        if _quant_rank(quant) > _quant_rank(c.quant):
+            c = replace(c, quant=quant)
+            yield c, f"quantized the base to {quant}"
+    while c.max_seq_len > MIN_SEQ_LEN:
+        c = replace(c, max_seq_len=max(MIN_SEQ_LEN, c.max_seq_len // 2))
+        yield c, f"max_seq_len -> {c.max_seq_len} (longer rows are truncated)"
+
+
+def _quant_rank(quant: str) -> int:
+    return {"none": 0, "8bit": 1, "4bit": 2}[quant]
+
+
+def _brief(c: TrainConfig) -> str:
+    return (f"quant {c.quant}, batch {c.batch_size}, seq {c.max_seq_len}, "
+            f"checkpointing {'on' if c.gradient_checkpointing else 'off'}")
+
+
+def _smaller_model_hint(shape: est.Shape, budget: int, current: est.Estimate) -> str:
+    fixed = current.runtime + current.activations + current.logits + current.trainable
+    per_param = current.weights / max(shape.total_params, 1)
+    fits = (budget - fixed) / per_param if budget > fixed else 0
+    if fits <= 0:
+        return ""
+    return f", or with a model of at most about {fits / 1e9:.1f} B parameters at these settings"

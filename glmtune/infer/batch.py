@@ -110,15 +110,15 @@ def _jsonl_row(file: str, number: int, raw: str) -> PromptRow:
 
 
 def _answered(out: Path, rows: list[PromptRow], file: str) -> set[int]:
-    """Input lines already answered in ``out``; repairs a cut-off last line."""
+    """Input lines already answered in ``out``; drops a last line cut off by a kill."""
     if not out.exists():
         return set()
     if out.is_dir():
         raise GlmtuneError(f"{out}: is a directory; --out must be a .jsonl file")
-    text = out.read_text(encoding="utf-8", errors="replace")
-    lines = text.split("\n")
-    complete, tail = lines[:-1], lines[-1]
-    records = []
+    # errors="replace": a kill can cut a multi-byte character; only the cut line has it
+    *complete, tail = out.read_text(encoding="utf-8", errors="replace").split("\n")
+    by_line = {row.line: row for row in rows}
+    done = set()
     for number, raw in enumerate(complete, start=1):
         if not raw.strip():
             continue
@@ -127,21 +127,9 @@ def _answered(out: Path, rows: list[PromptRow], file: str) -> set[int]:
         except json.JSONDecodeError:
             record = None
         if not isinstance(record, dict) or not isinstance(record.get("line"), int):
-            if number == len(complete) and not tail:
-                # the write that a kill interrupted; its prompt is simply answered again
-                complete = complete[:-1]
-                break
             raise DataError(out, "is not an answer written by `glmtune predict --file`",
                             line=number, expected='{"line": N, "prompt": ..., "answer": ...}; '
                             "choose another --out or delete this file")
-        records.append((number, record))
-    if tail:
-        log.info("%s: dropping a half-written last answer (interrupted run)", out)
-    if tail or len(complete) != len(lines) - 1:
-        write_text_atomic(out, "".join(line + "\n" for line in complete))
-    by_line = {row.line: row for row in rows}
-    done = set()
-    for number, record in records:
         row = by_line.get(record["line"])
         if row is None or row.prompt != record.get("prompt"):
             raise GlmtuneError(
@@ -149,6 +137,11 @@ def _answered(out: Path, rows: list[PromptRow], file: str) -> set[int]:
                 "whose prompt there has changed since; delete the file or choose another --out "
                 "to start over")
         done.add(row.line)
+    if tail:
+        # Every answer is written with its newline in one call, so a line without one is
+        # the write a kill interrupted; its prompt is answered again.
+        log.info("%s: dropping a half-written last answer (interrupted run)", out)
+        write_text_atomic(out, "".join(line + "\n" for line in complete))
     return done
 
 

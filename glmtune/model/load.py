@@ -92,6 +92,44 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool):
     return tokenizer
 
 
+def quantization_config(quant: str, compute_bf16: bool):
+    """bitsandbytes settings for ``--quant``: nf4 with double quantization, or int8."""
+    if quant == "none":
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise GlmtuneError(f"quant: --quant {quant} needs bitsandbytes: pip install "
+                           "'bitsandbytes>=0.45' (or use --quant none)") from exc
+    if quant == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16 if compute_bf16 else torch.float32)
+
+
+def keep_nf4_trainable_on_cpu(model) -> int:
+    """Turn off bitsandbytes' CPU weight repacking in every 4-bit layer.
+
+    bitsandbytes 0.50 repacks nf4 weights in place the first time a 4-bit
+    layer runs in eval mode without grad on an AVX512-BF16 CPU (evaluation,
+    generation). The repacked layout fails for in_features not a multiple of
+    64 and breaks any later backward pass ("a view of a leaf Variable ... in-place
+    operation"). With repacking off, every forward uses the ordinary dequantize
+    path, so training -> evaluation -> generation -> training works in one
+    process; inference loses the packed kernel's speed-up, nothing else.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
+
+
 def load_model(source: ModelSource, *, trust_remote_code: bool, dtype=None,
                quantization_config=None, device_map=None):
     import torch
@@ -112,7 +150,7 @@ def load_model(source: ModelSource, *, trust_remote_code: bool, dtype=None,
     from safetensors import SafetensorError
 
     try:
-        return loader.from_pretrained(source.path, **kwargs)
+        model = loader.from_pretrained(source.path, **kwargs)
     except SafetensorError as exc:
         raise GlmtuneError(f"{source.path}: a safetensors weight file is corrupted or "
                            f"truncated ({_first_line(exc)}); re-download or re-export it") from exc
@@ -123,6 +161,9 @@ def load_model(source: ModelSource, *, trust_remote_code: bool, dtype=None,
             raise GlmtuneError(f"{source.path}: model weights do not match config.json or are "
                                f"corrupted ({_first_line(exc)})") from exc
         raise
+    if quantization_config is not None:
+        keep_nf4_trainable_on_cpu(model)
+    return model
 
 
 def _first_line(exc: BaseException) -> str:

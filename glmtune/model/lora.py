@@ -42,6 +42,13 @@ def attach_lora(model, family: Family, *, r: int, alpha: int, dropout: float, ta
     except ValueError as exc:
         raise GlmtuneError(f"target_modules: {exc}".splitlines()[0]
                            + "; pass module names that exist in this model with --target-modules") from exc
+    import torch
+
+    # Optimizer updates are far smaller than bf16's resolution: whatever the
+    # base dtype, what we train lives in float32.
+    for param in peft_model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
     trainable, total = peft_model.get_nb_trainable_parameters()
     log.info("trainable params: %s || all params: %s || trainable%%: %.4f",
              f"{trainable:,}", f"{total:,}", 100 * trainable / total)

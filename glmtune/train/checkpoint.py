@@ -33,9 +33,11 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 # Fields that change what the training computes: resuming with other values
 # would silently produce a different model than either run describes.
+# The micro-batch split may change (the memory guard's advice): only the
+# effective batch is part of what is computed.
 SEMANTIC_FIELDS = ("model", "data", "max_samples", "max_seq_len", "template", "lora_r",
                    "lora_alpha", "lora_dropout", "target_modules", "train_embeddings",
-                   "batch_size", "grad_accum", "seed", "quant")
+                   "effective_batch", "seed", "quant")
 
 
 @dataclass
@@ -43,7 +45,7 @@ class TrainerState:
     """What, besides tensors, a run needs to continue exactly where it stopped."""
 
     step: int = 0
-    micro_batches: int = 0          # micro-batches consumed (= data position)
+    rows_seen: int = 0              # training rows consumed (= data position)
     window_loss: float = 0.0        # partial logging window, so logged losses match
     window_tokens: int = 0
     eval_losses: list[list[float]] = field(default_factory=list)
@@ -123,8 +125,13 @@ def find_resume_point(out: Path, resume: str) -> Path | None:
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    return [f"{name}: checkpoint has {saved.get(name)!r}, now {current.get(name)!r}"
-            for name in SEMANTIC_FIELDS if saved.get(name) != current.get(name)]
+    def value(config, name):
+        if name == "effective_batch":
+            return config.get("batch_size", 0) * config.get("grad_accum", 0)
+        return config.get(name)
+
+    return [f"{name}: checkpoint has {value(saved, name)!r}, now {value(current, name)!r}"
+            for name in SEMANTIC_FIELDS if value(saved, name) != value(current, name)]
 
 
 def _prune(out: Path, keep: int | None, protect: set[int]) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from glmtune import hardware
+from glmtune import estimate, hardware
 from glmtune.config import TrainConfig, save_yaml
 from glmtune.data import dataset
 from glmtune.errors import GlmtuneError
@@ -31,6 +31,7 @@ from glmtune.model import load, lora, tiny_glm
 from glmtune.model.family import Family, detect_family, template_override
 from glmtune.plan import Plan, make_plan
 from glmtune.train import artifacts, checkpoint, faults
+from glmtune.train.monitor import GB, MemoryMonitor
 
 log = logging.getLogger(__name__)
 
@@ -58,43 +59,53 @@ class FineTuner:
         self.family: Family | None = None
         self.tokenizer = None
         self.model = None
+        self.train_embeddings = False
         self.train_set: dataset.TokenizedSet | None = None
         self.val_set: dataset.TokenizedSet | None = None
 
     # ------------------------------------------------------------------ setup
     def setup_model_and_tokenizer(self) -> None:
-        cfg = self.config
         self._ensure_tokenizer()
         import torch
 
+        cfg, plan = self.config, self.plan
         log.info("loading %s", self.source.path)
-        model = load.load_model(self.source, trust_remote_code=cfg.trust_remote_code)
+        quantized = plan.quant != "none"
+        model = load.load_model(
+            self.source, trust_remote_code=cfg.trust_remote_code, dtype=plan.torch_dtype,
+            quantization_config=load.quantization_config(plan.quant, plan.bf16),
+            device_map={"": plan.device} if quantized else None)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-        untrained_base = tiny_glm.is_tiny(self.source.path)
-        train_embeddings = cfg.train_embeddings == "true" or (
-            cfg.train_embeddings == "auto" and untrained_base)
-        if train_embeddings:
+        if self.train_embeddings:
             log.info("training embeddings and LM head too"
                      + (" (tiny-glm's base is random: LoRA alone cannot learn on it)"
-                        if untrained_base else ""))
+                        if tiny_glm.is_tiny(self.source.path) else ""))
         torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn here: same seed, same start
         self.model = lora.attach_lora(
             model, self.family, r=cfg.lora_r, alpha=cfg.effective_lora_alpha,
             dropout=cfg.lora_dropout, targets=cfg.target_modules,
-            train_embeddings=train_embeddings).to(torch.device(self.plan.device))
+            train_embeddings=self.train_embeddings)
+        if not quantized:  # bitsandbytes placed a quantized model already
+            self.model.to(torch.device(plan.device))
 
     def _ensure_tokenizer(self) -> None:
-        """Plan, locate the model and load its tokenizer: cheap, and all data needs."""
+        """Locate the model, plan the run and load the tokenizer: cheap, and all data needs."""
         if self.tokenizer is not None:
             return
         cfg = self.config
-        self.plan = make_plan(cfg, hardware.detect())
-        hardware.set_threads(self.plan.threads)
-        log.info("plan: %s", self.plan.describe())
         self.source = load.resolve(cfg.model)
         load.check_remote_code(self.source, cfg.trust_remote_code)
+        self.train_embeddings = cfg.train_embeddings == "true" or (
+            cfg.train_embeddings == "auto" and tiny_glm.is_tiny(self.source.path))
+        hw = hardware.detect()
+        log.info("hardware:\n  %s", hardware.describe(hw).replace("\n", "\n  "))
+        shard = estimate.largest_shard_bytes(self.source.path) if self.source.local else 0
+        self.plan, self.config = make_plan(cfg, hw, self.source.config or None, shard,
+                                           self.train_embeddings)
+        hardware.set_threads(self.plan.threads)
+        log.info("plan: %s", self.plan.describe())
         self.tokenizer = load.load_tokenizer(self.source, cfg.trust_remote_code)
         family = detect_family(self.source.config, self.tokenizer, self.source.path)
         self.family = family if cfg.template == "auto" else template_override(family, cfg.template)
@@ -193,8 +204,7 @@ class _Fit:
                              enabled=tuner.plan.bf16)
         self.pad_id = self.tokenizer.pad_token_id
         rows = len(tuner.train_set.rows)
-        self.micro_per_epoch = math.ceil(rows / self.cfg.batch_size)
-        self.steps_per_epoch = max(1, math.ceil(self.micro_per_epoch / self.cfg.grad_accum))
+        self.steps_per_epoch = max(1, math.ceil(math.ceil(rows / self.cfg.batch_size) / self.cfg.grad_accum))
         self.total_steps = self.cfg.max_steps or max(1, math.ceil(self.cfg.epochs * self.steps_per_epoch))
         self.eval_every = self.cfg.eval_steps or max(1, self.total_steps // 5)
         self.save_every = self.cfg.save_steps or self.steps_per_epoch
@@ -215,15 +225,18 @@ class _Fit:
                  self.total_steps / self.steps_per_epoch, cfg.batch_size * cfg.grad_accum)
 
         started = time.perf_counter()
-        batches = self._batches(self.state.micro_batches)
+        batches = self._batches(self.state.rows_seen)
         bar = _progress(self.total_steps, self.state.step)
         window_start, last_loss = time.perf_counter(), None
-        with _StopOnSignal(self.tuner):
+        plan = self.tuner.plan
+        guard = int(plan.budget_bytes * cfg.oom_guard) if plan.budget_bytes and cfg.oom_guard else None
+        with _StopOnSignal(self.tuner), MemoryMonitor(self.out / "memory.csv", guard) as memory:
+            self.memory = memory
             for step in range(self.state.step + 1, self.total_steps + 1):
-                loss_sum, tokens = self._optimizer_step(batches, params)
+                loss_sum, tokens, rows = self._optimizer_step(batches, params)
                 self.scheduler.step()
                 st = self.state
-                st.step, st.micro_batches = step, st.micro_batches + cfg.grad_accum
+                st.step, st.rows_seen = step, st.rows_seen + rows
                 st.window_loss += loss_sum
                 st.window_tokens += tokens
                 if step % cfg.logging_steps == 0 or step == self.total_steps:
@@ -235,6 +248,8 @@ class _Fit:
                 faults.point("step-end", step)
                 for callback in self.tuner.callbacks:
                     callback(step, self.tuner)
+                if memory.poll():
+                    batches = self._on_memory_guard(memory, guard, batches)
                 stopping = self.tuner._stop_requested and step < self.total_steps
                 if stopping or (step % self.save_every == 0 and step < self.total_steps):
                     self._checkpoint()
@@ -243,6 +258,7 @@ class _Fit:
                     return self._interrupted(time.perf_counter() - started)
         bar.close()
         seconds = time.perf_counter() - started
+        log.info("peak RSS %.2f GB (memory.csv has the timeline)", memory.peak_rss / GB)
         self._save()
         losses = self.state.eval_losses
         if len(losses) > 1:
@@ -299,24 +315,47 @@ class _Fit:
         progress = (step - warmup) / max(1, self.total_steps - warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    def _batches(self, skip: int):
-        """Endless micro-batches from position ``skip``; epoch e is shuffled with seed + e,
-        so the order is reproducible and a resumed run sees exactly the same batches."""
+    def _batches(self, rows_seen: int):
+        """Endless micro-batches from data position ``rows_seen``.
+
+        Epoch e is shuffled with seed + e, so the order is reproducible, and a
+        resumed run (even with another micro-batch size) sees the same rows.
+        """
         import torch
 
         rows = self.tuner.train_set.rows
-        epoch, offset = divmod(skip, self.micro_per_epoch)
+        epoch, offset = divmod(rows_seen, len(rows))
         while True:
             order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
-            for start in range(offset * self.cfg.batch_size, len(rows), self.cfg.batch_size):
+            for start in range(offset, len(rows), self.cfg.batch_size):
                 chunk = [rows[i] for i in order[start:start + self.cfg.batch_size].tolist()]
-                yield dataset.collate(chunk, self.pad_id)
+                yield dataset.collate(chunk, self.pad_id), len(chunk)
             epoch, offset = epoch + 1, 0
 
-    def _optimizer_step(self, batches, params) -> tuple[float, int]:
+    def _on_memory_guard(self, memory, guard: int, batches):
+        cfg = self.cfg
+        rss = memory.last_rss / GB
+        if cfg.auto_shrink and cfg.batch_size > 1:
+            self.cfg = cfg = replace(cfg, batch_size=cfg.batch_size // 2, grad_accum=cfg.grad_accum * 2)
+            log.warning("memory guard: RSS %.2f GB crossed %.2f GB; micro-batch -> %d, accumulation "
+                        "-> %d (same effective batch), continuing", rss, guard / GB,
+                        cfg.batch_size, cfg.grad_accum)
+            memory.rearm()
+            return self._batches(self.state.rows_seen)
+        self.tuner._stop_requested = "memory guard"
+        smaller = max(1, cfg.batch_size // 2)
+        self.shrink_hint = (f"--batch-size {smaller} --grad-accum {cfg.grad_accum * cfg.batch_size // smaller}"
+                            + ("" if cfg.gradient_checkpointing else " --gradient-checkpointing"))
+        log.warning("memory guard: RSS %.2f GB crossed %.2f GB (%.0f%% of the %.2f GB budget); "
+                    "saving a checkpoint and stopping before the system runs out of memory",
+                    rss, guard / GB, 100 * cfg.oom_guard, self.tuner.plan.budget_bytes / GB)
+        return batches
+
+    def _optimizer_step(self, batches, params) -> tuple[float, int, int]:
         import torch
 
-        micro = [next(batches) for _ in range(self.cfg.grad_accum)]
+        pairs = [next(batches) for _ in range(self.cfg.grad_accum)]
+        micro, rows = [b for b, _ in pairs], sum(n for _, n in pairs)
         tokens = sum(int((b["labels"][:, 1:] != dataset.IGNORE_INDEX).sum()) for b in micro)
         loss_sum = 0.0
         for batch in micro:
@@ -327,7 +366,7 @@ class _Fit:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, tokens
+        return loss_sum, tokens, rows
 
     def _loss_sum(self, batch):
         """Summed cross-entropy over trained tokens (fp32), so micro-batches weigh by tokens."""
@@ -370,7 +409,7 @@ class _Fit:
         log.info("checkpoint saved: %s", path)
 
     def _interrupted(self, seconds: float) -> TrainResult:
-        command = _resume_command()
+        command = _resume_command(getattr(self, "shrink_hint", ""))
         log.warning("stopped at step %d of %d; resume with:\n  %s", self.state.step,
                     self.total_steps, command)
         return TrainResult(self.out, self.state.step, [tuple(x) for x in self.state.eval_losses],
@@ -390,8 +429,8 @@ class _Fit:
             artifacts.plot_losses(self.metrics.records, self.out / "loss.png")
 
 
-def _resume_command() -> str:
-    """The command that continues this run: the same one, with resume on."""
+def _resume_command(extra: str = "") -> str:
+    """The command that continues this run: the same one, with resume on (and ``extra`` flags)."""
     import shlex
     import sys
 
@@ -400,11 +439,13 @@ def _resume_command() -> str:
     if os.environ.get("MAKELEVEL"):  # started by `make train VAR=...`
         given = [f"{var}={shlex.quote(os.environ[var])}" for var in make_variables(TrainConfig)
                  if os.environ.get(var) and var != "RESUME"]
+        if extra:  # flags Make has no variables for go through the glmtune command
+            return f"glmtune train --from-make {extra} --resume auto  # with the same Make variables"
         return shlex.join(["make", "train"]) + "".join(" " + g for g in given) + " RESUME=auto"
     launcher = {"glmtune": ["glmtune"], "__main__.py": ["python", "-m", "glmtune"]}
     if sys.argv and Path(sys.argv[0]).name in launcher:
         argv = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume", "auto"])
-        return shlex.join([*launcher[Path(sys.argv[0]).name], *argv])
+        return shlex.join([*launcher[Path(sys.argv[0]).name], *argv]) + (f" {extra}" if extra else "")
     return "the same call with resume='auto' (e.g. TrainConfig(..., resume='auto'))"
 
 

@@ -1,0 +1,112 @@
+"""``glmtune export``: merge an adapter into its base and save a standalone model.
+
+The result is an ordinary Hugging Face model directory (safetensors weights,
+config, tokenizer) that loads without peft or glmtune. Before anything is
+written, the merged model's logits on a probe prompt are compared with the
+base + adapter logits in float32: a merge that changed what the model computes
+is refused, not saved.
+
+The model is staged in a temporary sibling of ``--out`` and renamed into place
+only once complete, so ``--out`` never holds half a model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from glmtune.config import DEMO_PROMPT, ExportConfig, PredictConfig
+from glmtune.errors import GlmtuneError
+from glmtune.train import artifacts
+
+log = logging.getLogger(__name__)
+
+TOLERANCE = 1e-4
+INFO_FILE = "glmtune_export.json"
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    max_abs_diff: float
+    probe_tokens: int
+
+
+def check_target(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise GlmtuneError(f"{out}: exists and is not a directory; --out must be a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise GlmtuneError(f"{out}: already exists and is not empty; pass --overwrite "
+                           "(Make: OVERWRITE=1) to replace it, or choose another --out")
+
+
+def export(config: ExportConfig) -> ExportResult:
+    """Merge, verify, save. Returns where the model went and the largest logit difference."""
+    import torch
+
+    from glmtune.infer.predict import Predictor
+
+    config = config.validate()
+    out = Path(config.resolved_out)
+    check_target(out, config.overwrite)  # before minutes of loading, not after
+    predictor = Predictor(PredictConfig(adapter=config.adapter, model=config.model,
+                                        trust_remote_code=config.trust_remote_code,
+                                        bf16="false", threads=config.threads, out=None))
+    model = predictor.model
+    # The probe covers the chat template's special tokens as well as text.
+    ids = torch.tensor([predictor.prompt_ids(DEMO_PROMPT)], device=predictor.device)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits.float()
+        merged = model.merge_and_unload()
+        merged.eval()
+        got = merged(input_ids=ids).logits.float()
+    diff = (got - expected).abs().max().item()
+    if not diff <= TOLERANCE:  # also catches NaN
+        raise GlmtuneError(
+            f"merged model disagrees with base + adapter: max |logit difference| {diff:.3g} "
+            f"> {TOLERANCE:g} on a probe prompt; nothing was written. The adapter may use a "
+            "layer type peft cannot merge exactly")
+    log.info("merged logits match base + adapter: max |difference| %.2e over %d tokens",
+             diff, ids.shape[1])
+
+    dtype = getattr(torch, config.dtype)
+    merged = merged.to(device="cpu", dtype=dtype)
+    info = {"adapter": str(config.adapter), "base_model": predictor.source.name,
+            "template": predictor.family.template, "dtype": config.dtype,
+            "verified_max_abs_logit_diff": diff, "tolerance": TOLERANCE}
+    with artifacts.staging_dir(out) as staged:
+        merged.save_pretrained(staged)
+        predictor.tokenizer.save_pretrained(staged)
+        (staged / INFO_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n",
+                                        encoding="utf-8")
+        if not any(staged.glob("*.safetensors")):
+            raise GlmtuneError(f"{out}: the model was not saved as safetensors; nothing written")
+        _replace_dir(staged, out)
+    return ExportResult(out, diff, ids.shape[1])
+
+
+def _replace_dir(staged: Path, out: Path) -> None:
+    """Rename ``staged`` to ``out``; an old ``out`` is moved aside first and removed after."""
+    umask = os.umask(0)
+    os.umask(umask)
+    # mkdtemp (and some writers) make things private; an exported model is meant to be shared
+    os.chmod(staged, 0o777 & ~umask)
+    for path in staged.iterdir():
+        if path.is_file():
+            os.chmod(path, 0o666 & ~umask)
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    try:
+        os.replace(staged, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)  # put the previous export back rather than leave nothing
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
