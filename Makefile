@@ -12,7 +12,7 @@ STAMP   := $(VENV)/.installed-stamp
 PREDICTION_FILE ?= data/output/prediction.txt
 export PREDICTION_FILE
 
-.PHONY: help setup train data predict predict-custom test test-fast clean
+.PHONY: help setup train train-ddp data predict predict-custom test test-fast clean
 
 help:
 	@echo "make train            set up (first time) and fine-tune the default job"
@@ -22,6 +22,12 @@ help:
 	@echo "make batch-predict FILE=prompts.txt   answer a .txt/.jsonl of prompts (resumable)"
 	@echo "make chat             talk to the trained adapter (/clear, /exit)"
 	@echo "make export           merge the adapter into its base and save a standalone model"
+	@echo "make train-ddp NPROC=2   the same training, data-parallel over NPROC processes (torchrun)"
+	@echo "make plan             show hardware, chosen settings and predicted peak memory"
+	@echo "make monitor          follow a running job's loss and memory (OUTPUT_DIR=...)"
+	@echo "make bench-memory     measured peak memory vs prediction, 6B-shaped model (slow)"
+	@echo "make env              write .env for docker compose from this machine's plan (FORCE=1 replaces)"
+	@echo "make docker-build / docker-train / docker-predict   the same in a container (GPU=1 for CUDA)"
 	@echo "make test             run the test suite (what CI runs)"
 	@echo "make test-fast        only the fast tests"
 	@echo "make clean            remove what glmtune generated (asks; FORCE=1 skips)"
@@ -44,6 +50,12 @@ data: data/train_triplet.jsonl
 
 train: setup $(if $(DATA),,data)
 	$(GLMTUNE) train --from-make
+
+# Data-parallel on one machine; for several machines run torchrun yourself
+# (README: --nnodes, --rdzv-endpoint). Each process gets cores / NPROC threads.
+NPROC ?= 2
+train-ddp: setup $(if $(DATA),,data)
+	$(BIN)/torchrun --standalone --nproc_per_node=$(NPROC) -m glmtune train --from-make
 
 predict: setup
 	$(GLMTUNE) predict --from-make
@@ -71,6 +83,19 @@ chat: setup
 export: setup
 	$(GLMTUNE) export --from-make
 
+.PHONY: plan monitor bench-memory
+
+plan: setup
+	$(GLMTUNE) plan --from-make
+
+monitor: setup
+	$(GLMTUNE) monitor --output-dir "$(or $(OUTPUT_DIR),models/chatglm-lora)"
+
+# Builds a 12 GB random ChatGLM3-6B-shaped checkpoint once (bench/cache/) and
+# needs about 14 GB of free memory; BENCH_STEPS sets the steps per run.
+bench-memory: setup
+	$(BIN)/python bench/memory.py
+
 test: setup
 	$(BIN)/python -m pytest -m "not gpu" -q
 
@@ -87,3 +112,60 @@ clean:
 	  case "$$answer" in y|Y|yes) ;; *) echo "nothing removed"; exit 0;; esac; \
 	fi; \
 	rm -rf $(GENERATED); echo "removed $(GENERATED)"
+
+# ---------------------------------------------------------------- containers
+# Optional: nothing above needs Docker. docker-compose.yml runs the targets
+# above inside the image; `GPU=1` picks the CUDA image and the GPU services.
+
+.PHONY: env docker-build docker-train docker-predict
+
+# The .env docker compose reads; ENV_FILE= writes it elsewhere.
+ENV_FILE ?= .env
+
+# Settings planned for this machine (MODEL=... and friends are taken into
+# account). Written beside the target and renamed, so a failed or interrupted
+# plan never leaves a half-written .env; an existing one may hold edits.
+env: setup
+	@if [ -e "$(ENV_FILE)" ] && [ "$(FORCE)" != "1" ]; then \
+	  echo "$(ENV_FILE) already exists; not replacing it (FORCE=1 does)"; exit 1; \
+	fi; \
+	tmp="$(ENV_FILE).tmp.$$$$"; \
+	if $(GLMTUNE) plan --env --from-make > "$$tmp"; then mv -f "$$tmp" "$(ENV_FILE)"; \
+	else rm -f "$$tmp"; exit 1; fi; \
+	echo "wrote $(ENV_FILE)"
+
+# The compose plugin where installed, else docker-compose 1.x (Debian's package).
+DOCKER_COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 \
+                    && echo "docker compose" || echo docker-compose)
+DOCKER_SUFFIX = $(if $(filter 1 yes true,$(GPU)),-gpu)
+# Files the container writes into data/ and models/ should belong to whoever
+# runs make; the container user cannot be root, so root gets the default 1000.
+DOCKER_UID = $(if $(filter 0,$(shell id -u)),1000,$(shell id -u))
+DOCKER_GID = $(if $(filter 0,$(shell id -u)),1000,$(shell id -g))
+DOCKER = USER_ID=$(DOCKER_UID) GROUP_ID=$(DOCKER_GID) \
+         $(DOCKER_COMPOSE)$(if $(DOCKER_SUFFIX), --profile gpu)
+# Variables given on this command line reach the container, so that
+# `make docker-train NUM_EPOCHS=3` means what `make train NUM_EPOCHS=3` does;
+# the ones that describe this checkout or this docker call stay here.
+DOCKER_LOCAL = PYTHON VENV BIN GLMTUNE STAMP ENV_FILE FORCE GPU DOCKER_COMPOSE
+DOCKER_PASS = $(foreach v,$(filter-out $(DOCKER_LOCAL),$(.VARIABLES)),\
+              $(if $(filter command line,$(origin $(v))),-e $(v)="$$$(v)"))
+# Values are expanded by the shell from the environment make exports them to,
+# so spaces and quotes in PROMPT="..." survive.
+DOCKER_RUN = $(strip $(DOCKER) run --rm $(DOCKER_PASS))
+
+# Every CPU service shares the image train builds (the GPU ones, train-gpu's).
+docker-build:
+	$(DOCKER) build train$(DOCKER_SUFFIX)
+
+# Docker would create missing bind-mount folders owned by root, which the
+# container user could not write to. A `docker stop` leaves a checkpoint;
+# running this again resumes from it.
+docker-train: docker-build
+	mkdir -p data models
+	$(DOCKER_RUN) train$(DOCKER_SUFFIX)
+
+# FILE= makes it a batch run, as `make batch-predict FILE=...` is natively.
+docker-predict: docker-build
+	mkdir -p data models
+	$(DOCKER_RUN) $(if $(FILE),batch-predict,predict)$(DOCKER_SUFFIX)

@@ -23,6 +23,9 @@ _EXPORTS = {
     "FineTuner": "glmtune.train.recipe",
     "train": "glmtune.train.recipe",
     "Predictor": "glmtune.infer.predict",
+    "EvalConfig": "glmtune.config",
+    "ChatConfig": "glmtune.config",
+    "ExportConfig": "glmtune.config",
     "GlmtuneError": "glmtune.errors",
 }
 

@@ -70,8 +70,15 @@ def _field(cls, name):
 def cmd_train(args) -> int:
     from glmtune.train.recipe import train
 
+    from glmtune.train import distributed
+
     config = config_from_args(args, cfg.TrainConfig)
-    result = train(config)
+    try:
+        result = train(config)
+    finally:
+        distributed.shutdown(distributed.from_environment())
+    if not distributed.from_environment().is_main:
+        return 0  # rank 0 reports for everyone
     if result.interrupted:
         print(f"stopped early at step {result.steps}; resume with: {result.resume_command}")
         return {"SIGINT": 130, "SIGTERM": 143, "memory guard": 3}.get(result.interrupted, 1)
@@ -151,6 +158,9 @@ def cmd_plan(args) -> int:
     shard = estimate.largest_shard_bytes(source.path) if source.local else 0
     preset_note = presets.pick(hw)[1] if config.preset == "auto" else None
     plan, final = make_plan(config, hw, source.config or None, shard, train_embeddings)
+    if args.env:
+        print(_env_file(hw, plan, final, preset_note))
+        return 0
     if args.json:
         print(json.dumps({"hardware": hardware.describe(hw).splitlines(), "preset": preset_note,
                           "plan": plan.to_dict(), "config": final.to_dict()}, indent=2,
@@ -167,6 +177,41 @@ def cmd_plan(args) -> int:
         "quant", "batch_size", "grad_accum", "max_seq_len", "gradient_checkpointing", "lora_r",
         "max_samples")))
     return 0
+
+
+def cmd_monitor(args) -> int:
+    from pathlib import Path
+
+    from glmtune.train.monitor import follow
+
+    out = Path(args.output_dir)
+    if not out.is_dir():
+        raise GlmtuneError(f"{out}: no run here yet (start one with `make train`, or pass "
+                           "--output-dir)")
+    try:
+        return follow(out, args.interval, once=args.once)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _env_file(hw, plan, final, preset_note) -> str:
+    """A .env for docker compose / make, as the CPU seed's setup wrote it."""
+    from glmtune import hardware
+
+    lines = ["# written by `glmtune plan --env` (make env) for this machine:",
+             *(f"#   {line}" for line in hardware.describe(hw).splitlines()),
+             f"MODEL={final.model}",
+             f"PRESET={final.preset}",
+             f"QUANT_LEVEL={final.quant}",
+             f"NUM_THREADS={plan.threads}",
+             f"MEMORY_LIMIT={plan.budget_bytes / hardware.GB:.1f}" if plan.budget_bytes else "MEMORY_LIMIT=",
+             "# a Hugging Face mirror for slow or blocked downloads, e.g. https://hf-mirror.com",
+             "HF_ENDPOINT=",
+             "# where downloaded models are cached",
+             "HF_HOME="]
+    if preset_note:
+        lines.insert(len(hardware.describe(hw).splitlines()) + 1, f"#   {preset_note}")
+    return "\n".join(lines)
 
 
 def cmd_data_triplets(args) -> int:
@@ -212,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="show the hardware, the settings a run would use and its "
                                     "predicted peak memory")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--env", action="store_true", help="print a .env file for this machine")
     p.add_argument("--list-presets", action="store_true", help="print the preset table")
     with_config(p, cfg.TrainConfig)
     p.set_defaults(func=cmd_plan)
@@ -233,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="merge an adapter into its base model and save it")
     with_config(p, cfg.ExportConfig)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("monitor", help="follow a running job's loss and memory")
+    p.add_argument("--output-dir", default=cfg.DEFAULT_OUTPUT_DIR,
+                   help=f"the run's output directory (default: {cfg.DEFAULT_OUTPUT_DIR})")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between updates")
+    p.add_argument("--once", action="store_true", help="print one line and exit")
+    p.set_defaults(func=cmd_monitor)
 
     data = sub.add_parser("data", help="data utilities").add_subparsers(
         dest="data_command", required=True, metavar="DATA_COMMAND")

@@ -64,7 +64,7 @@ class TrainConfig:
 
     # --- schedule ----------------------------------------------------------
     epochs: float = _opt("passes over the training data (fractions allowed)",
-                         make="NUM_EPOCHS", default=6.0)
+                         make="NUM_EPOCHS", default=15.0)
     max_steps: int | None = _opt("stop after this many optimizer steps (overrides --epochs)",
                                  make="MAX_STEPS")
     batch_size: int = _opt("rows per micro-batch", make="BATCH_SIZE", default=16)
@@ -225,12 +225,15 @@ class PredictConfig:
     prompt: str = _opt("the prompt to answer", make="PROMPT", default=DEMO_PROMPT)
     max_new_tokens: int = _opt("longest answer in tokens", make="MAX_NEW_TOKENS", default=128)
     out: str | None = _opt("also write the answer to this file", make="PREDICTION_FILE")
+    quant: str = _opt("load the base quantized (an adapter trained on a quantized base works on "
+                      "the full one and the other way round)", make="QUANT_LEVEL",
+                      choices=QUANT_LEVELS, default="none")
     bf16: str = _opt("bf16 autocast: auto, true or false", choices=TRI_STATE, default="auto")
     threads: int | None = _opt("CPU threads (default: physical cores)", make="NUM_THREADS")
     file: str | None = _opt("answer every prompt in this file instead of --prompt (.txt: one "
                             "prompt per line; .jsonl: a 'prompt' per row) and append the answers "
-                            "to --out as JSON Lines; a rerun skips prompts already answered",
-                            make="FILE")
+                            "to --out as JSON Lines (default: <file>.predictions.jsonl beside "
+                            "it); a rerun skips prompts already answered", make="FILE")
 
     def problems(self) -> list[str]:
         found = []
@@ -254,7 +257,8 @@ def _same(cls: type, name: str, **changes):
     """Field ``name`` of ``cls`` again (optionally changed), so commands that share an option
     share its flag, help, Make variable and default instead of drifting apart."""
     f = cls.__dataclass_fields__[name]
-    meta = {key: changes.get(key, f.metadata.get(key)) for key in ("help", "flag", "make", "choices")}
+    meta = {key: changes.get(key, f.metadata.get(key))
+            for key in ("help", "flag", "make", "choices")}
     return _opt(meta["help"], flag=meta["flag"], make=meta["make"], choices=meta["choices"],
                 default=changes.get("default", f.default))
 

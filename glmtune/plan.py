@@ -58,19 +58,28 @@ class Plan:
         return data
 
 
-def memory_budget(config: TrainConfig, hw: Hardware) -> int:
-    """MEMORY_LIMIT if given, else what is available now minus a safety margin."""
+def memory_budget(config: TrainConfig, hw: Hardware, processes: int = 1) -> int:
+    """Per process: MEMORY_LIMIT if given, else what is available now minus a safety margin.
+
+    On a GPU each process has its own card; on a CPU the processes of one
+    machine share its RAM.
+    """
     if config.memory_limit is not None:
         return int(config.memory_limit * GB)
     if hw.gpus:
         free = hw.gpus[0].free_bytes
         return int(free - max(0.5 * GB, 0.05 * free))
-    return int(hw.available_ram - max(0.75 * GB, 0.1 * hw.available_ram))
+    return int(hw.available_ram - max(0.75 * GB, 0.1 * hw.available_ram)) // max(1, processes)
 
 
 def make_plan(config: TrainConfig, hw: Hardware, model_config: dict | None = None,
-              shard_bytes: int = 0, train_embeddings: bool = False) -> tuple[Plan, TrainConfig]:
-    """The plan, and the config with any memory-driven changes applied."""
+              shard_bytes: int = 0, train_embeddings: bool = False,
+              processes: int = 1) -> tuple[Plan, TrainConfig]:
+    """The plan, and the config with any memory-driven changes applied.
+
+    ``processes``: training processes on this machine (torchrun), which share
+    its cores and, on a CPU, its memory.
+    """
     reasons = []
     if config.bf16 == "auto":
         bf16 = hw.bf16
@@ -83,8 +92,9 @@ def make_plan(config: TrainConfig, hw: Hardware, model_config: dict | None = Non
         reasons.append(f"bf16 autocast {'on' if bf16 else 'off'}: set by --bf16")
         if bf16 and not hw.bf16 and not hw.cuda_devices:
             reasons.append("warning: this CPU has no native bf16; bf16 will be slower than fp32")
-    threads = config.threads or hw.physical_cores
-    reasons.append(f"{threads} CPU threads" + ("" if config.threads else " (physical cores)"))
+    threads = config.threads or max(1, hw.physical_cores // processes)
+    reasons.append(f"{threads} CPU threads" + ("" if config.threads else
+                   " (physical cores" + (f" / {processes} processes)" if processes > 1 else ")")))
     if config.base_dtype == "auto":
         base_dtype = "bfloat16" if bf16 else "float32"
         reasons.append(f"frozen base weights in {base_dtype}"
@@ -95,7 +105,7 @@ def make_plan(config: TrainConfig, hw: Hardware, model_config: dict | None = Non
                 base_dtype=base_dtype, reasons=reasons)
     if model_config is None:
         return plan, config
-    return _fit_memory(plan, config, hw, model_config, shard_bytes, train_embeddings)
+    return _fit_memory(plan, config, hw, model_config, shard_bytes, train_embeddings, processes)
 
 
 def _settings(plan: Plan, config: TrainConfig, train_embeddings: bool) -> est.Settings:
@@ -106,14 +116,15 @@ def _settings(plan: Plan, config: TrainConfig, train_embeddings: bool) -> est.Se
 
 
 def _fit_memory(plan: Plan, config: TrainConfig, hw: Hardware, model_config: dict,
-                shard_bytes: int, train_embeddings: bool) -> tuple[Plan, TrainConfig]:
+                shard_bytes: int, train_embeddings: bool,
+                processes: int) -> tuple[Plan, TrainConfig]:
     try:
         shape = est.shape_from_config(model_config)
     except (KeyError, TypeError, ZeroDivisionError):
         plan.reasons.append("memory: cannot read the model's shape from config.json; "
                             "no prediction (the live guard still watches)")
         return plan, config
-    budget = memory_budget(config, hw)
+    budget = memory_budget(config, hw, processes)
     plan.budget_bytes = budget
 
     def predict(c: TrainConfig) -> est.Estimate:

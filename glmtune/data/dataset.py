@@ -78,11 +78,21 @@ def load_train_val(train_path: str, val_path: str | None, tokenizer, template: s
     return train, val
 
 
+PAD_MULTIPLE = 8
+
+
 def collate(rows: list[Encoded], pad_id: int):
-    """Right-pad a batch to its longest row; padding is masked from attention and loss."""
+    """Right-pad a batch to its longest row, rounded up to a multiple of 8.
+
+    Padding is masked from attention and loss. The rounding keeps the number
+    of distinct tensor shapes small: oneDNN and autocast cache per shape, and
+    on CPU every new sequence length otherwise costs memory that is never
+    given back.
+    """
     import torch
 
-    width = max(len(r.input_ids) for r in rows)
+    longest = max(len(r.input_ids) for r in rows)
+    width = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

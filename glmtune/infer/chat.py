@@ -19,8 +19,8 @@ from typing import TextIO
 HELP = "/clear forgets the conversation, /exit (or end of input) quits"
 
 
-def run_chat(predictor, stdin: TextIO = None, stdout: TextIO = None, stderr: TextIO = None,
-             interactive: bool | None = None) -> int:
+def run_chat(predictor, stdin: TextIO | None = None, stdout: TextIO | None = None,
+             stderr: TextIO | None = None, interactive: bool | None = None) -> int:
     """Chat until /exit or end of input; returns the number of answers given."""
     stdin, stdout, stderr = stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr
     if interactive is None:

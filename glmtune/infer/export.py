@@ -51,6 +51,9 @@ def export(config: ExportConfig) -> ExportResult:
     from glmtune.infer.predict import Predictor
 
     config = config.validate()
+    if not Path(config.adapter).is_dir():
+        raise GlmtuneError(f"{config.adapter}: adapter directory not found; export merges an "
+                           "adapter written by `glmtune train` into its base model")
     out = Path(config.resolved_out)
     check_target(out, config.overwrite)  # before minutes of loading, not after
     predictor = Predictor(PredictConfig(adapter=config.adapter, model=config.model,

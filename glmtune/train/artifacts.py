@@ -75,13 +75,14 @@ def write_text_atomic(path: Path, text: str) -> None:
 class MetricsLog:
     """Append-only ``metrics.jsonl``: one JSON object per logged event."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = path, enabled  # disabled on all but one process
         self.records: list[dict] = []
 
     def reset(self) -> None:
         self.records = []
-        self.path.unlink(missing_ok=True)
+        if self.enabled:
+            self.path.unlink(missing_ok=True)
 
     def truncate_after(self, step: int) -> None:
         """On resume: forget what the interrupted run logged after its checkpoint."""
@@ -90,11 +91,14 @@ class MetricsLog:
             records = [json.loads(line) for line in self.path.read_text("utf-8").splitlines()
                        if line.strip()]
         self.records = [r for r in records if r.get("step", 0) <= step]
-        write_text_atomic(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                              for r in self.records))
+        if self.enabled:
+                write_text_atomic(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                                  for r in self.records))
 
     def write(self, record: dict) -> None:
         self.records.append(record)
+        if not self.enabled:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -48,6 +48,7 @@ class TrainerState:
     rows_seen: int = 0              # training rows consumed (= data position)
     window_loss: float = 0.0        # partial logging window, so logged losses match
     window_tokens: int = 0
+    window_input_tokens: int = 0
     eval_losses: list[list[float]] = field(default_factory=list)
     best_step: int | None = None
     config: dict[str, Any] = field(default_factory=dict)

@@ -82,3 +82,41 @@ class MemoryMonitor:
     def rearm(self) -> None:
         """After the run shrank its batch: watch again from the current level."""
         self.tripped = False
+
+
+def status_line(out: Path) -> str | None:
+    """One line on a run in ``out``: its latest step and loss, RSS now and at peak."""
+    import json
+
+    memory_csv, metrics = out / "memory.csv", out / "metrics.jsonl"
+    if not memory_csv.is_file():
+        return None
+    rows = list(csv.reader(memory_csv.open()))[1:]
+    if not rows:
+        return None
+    rss = [float(r[1]) for r in rows]
+    line = f"RSS {rss[-1]:.2f} GB (peak {max(rss):.2f} GB), system available {float(rows[-1][2]):.2f} GB"
+    if metrics.is_file():
+        logged = [json.loads(x) for x in metrics.read_text("utf-8").splitlines() if '"loss"' in x]
+        if logged:
+            last = logged[-1]
+            line = (f"step {last['step']} epoch {last['epoch']} loss {last['loss']:.4f} "
+                    f"{last['tokens_per_s']:.0f} tok/s | " + line)
+    return line
+
+
+def follow(out: Path, interval: float = 2.0, once: bool = False) -> int:
+    """Print a run's progress until its adapter appears (``make monitor``)."""
+    started = time.time()
+    last = None
+    while True:
+        line = status_line(out)
+        if line and line != last:
+            print(line, flush=True)
+            last = line
+        finished = out / "adapter_config.json"
+        if once or (finished.is_file() and finished.stat().st_mtime >= started):
+            if not once:
+                print(f"finished: adapter in {out}")
+            return 0 if line or finished.is_file() else 1
+        time.sleep(interval)

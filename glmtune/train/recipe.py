@@ -30,7 +30,7 @@ from glmtune.errors import GlmtuneError
 from glmtune.model import load, lora, tiny_glm
 from glmtune.model.family import Family, detect_family, template_override
 from glmtune.plan import Plan, make_plan
-from glmtune.train import artifacts, checkpoint, faults
+from glmtune.train import artifacts, checkpoint, distributed, faults
 from glmtune.train.monitor import GB, MemoryMonitor
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class FineTuner:
         self.tokenizer = None
         self.model = None
         self.train_embeddings = False
+        self.dist = distributed.Dist()
         self.train_set: dataset.TokenizedSet | None = None
         self.val_set: dataset.TokenizedSet | None = None
 
@@ -100,10 +101,14 @@ class FineTuner:
         self.train_embeddings = cfg.train_embeddings == "true" or (
             cfg.train_embeddings == "auto" and tiny_glm.is_tiny(self.source.path))
         hw = hardware.detect()
+        self.dist = distributed.init(hw.device)
+        if not self.dist.is_main:  # one copy of the logs is enough
+            logging.getLogger("glmtune").setLevel(logging.WARNING)
         log.info("hardware:\n  %s", hardware.describe(hw).replace("\n", "\n  "))
         shard = estimate.largest_shard_bytes(self.source.path) if self.source.local else 0
         self.plan, self.config = make_plan(cfg, hw, self.source.config or None, shard,
-                                           self.train_embeddings)
+                                           self.train_embeddings,
+                                           processes=distributed.local_processes())
         hardware.set_threads(self.plan.threads)
         log.info("plan: %s", self.plan.describe())
         self.tokenizer = load.load_tokenizer(self.source, cfg.trust_remote_code)
@@ -199,16 +204,24 @@ class _Fit:
 
         self.cfg, self.tuner, self.out = tuner.config, tuner, out
         self.model, self.tokenizer = tuner.model, tuner.tokenizer
+        self.dist = tuner.dist
         self.device = torch.device(tuner.plan.device)
+        # forward/backward go through DDP when distributed; evaluation and saving
+        # use the plain PEFT model (identical on every rank)
+        self.train_model = distributed.wrap(self.model, self.dist, self.device)
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16,
                              enabled=tuner.plan.bf16)
         self.pad_id = self.tokenizer.pad_token_id
         rows = len(tuner.train_set.rows)
-        self.steps_per_epoch = max(1, math.ceil(math.ceil(rows / self.cfg.batch_size) / self.cfg.grad_accum))
+        if self.dist.world > rows:
+            raise GlmtuneError(f"{self.cfg.data}: {rows} training rows cannot feed "
+                               f"{self.dist.world} processes; use fewer processes or more data")
+        self.global_batch = self.cfg.batch_size * self.dist.world
+        self.steps_per_epoch = max(1, math.ceil(math.ceil(rows / self.global_batch) / self.cfg.grad_accum))
         self.total_steps = self.cfg.max_steps or max(1, math.ceil(self.cfg.epochs * self.steps_per_epoch))
         self.eval_every = self.cfg.eval_steps or max(1, self.total_steps // 5)
         self.save_every = self.cfg.save_steps or self.steps_per_epoch
-        self.metrics = artifacts.MetricsLog(out / "metrics.jsonl")
+        self.metrics = artifacts.MetricsLog(out / "metrics.jsonl", enabled=self.dist.is_main)
         self.state = checkpoint.TrainerState(config=self.cfg.to_dict())
 
     def run(self) -> TrainResult:
@@ -222,7 +235,10 @@ class _Fit:
         self._start_or_resume()
         log.info("training: %d rows, %d optimizer steps (%.2f epochs), effective batch %d",
                  len(self.tuner.train_set.rows), self.total_steps,
-                 self.total_steps / self.steps_per_epoch, cfg.batch_size * cfg.grad_accum)
+                 self.total_steps / self.steps_per_epoch, self.global_batch * cfg.grad_accum)
+        if self.dist.enabled:
+            log.info("distributed: %d processes x micro-batch %d x accumulation %d",
+                     self.dist.world, cfg.batch_size, cfg.grad_accum)
 
         started = time.perf_counter()
         batches = self._batches(self.state.rows_seen)
@@ -230,7 +246,8 @@ class _Fit:
         window_start, last_loss = time.perf_counter(), None
         plan = self.tuner.plan
         guard = int(plan.budget_bytes * cfg.oom_guard) if plan.budget_bytes and cfg.oom_guard else None
-        with _StopOnSignal(self.tuner), MemoryMonitor(self.out / "memory.csv", guard) as memory:
+        memory_csv = self.out / "memory.csv" if self.dist.is_main else None
+        with _StopOnSignal(self.tuner), MemoryMonitor(memory_csv, guard) as memory:
             self.memory = memory
             for step in range(self.state.step + 1, self.total_steps + 1):
                 loss_sum, tokens, rows = self._optimizer_step(batches, params)
@@ -248,9 +265,11 @@ class _Fit:
                 faults.point("step-end", step)
                 for callback in self.tuner.callbacks:
                     callback(step, self.tuner)
-                if memory.poll():
+                if self.dist.any(memory.poll()):
                     batches = self._on_memory_guard(memory, guard, batches)
-                stopping = self.tuner._stop_requested and step < self.total_steps
+                stopping = self.dist.any(bool(self.tuner._stop_requested)) and step < self.total_steps
+                if stopping and not self.tuner._stop_requested:
+                    self.tuner._stop_requested = "another process"
                 if stopping or (step % self.save_every == 0 and step < self.total_steps):
                     self._checkpoint()
                 if stopping:
@@ -259,7 +278,9 @@ class _Fit:
         bar.close()
         seconds = time.perf_counter() - started
         log.info("peak RSS %.2f GB (memory.csv has the timeline)", memory.peak_rss / GB)
-        self._save()
+        if self.dist.is_main:
+            self._save()
+        self.dist.barrier()
         losses = self.state.eval_losses
         if len(losses) > 1:
             log.info("validation loss %.4f -> %.4f (%.0f%% lower)", losses[0][1], losses[-1][1],
@@ -275,10 +296,12 @@ class _Fit:
             if cfg.resume:
                 log.info("--resume auto: no checkpoint in %s yet, starting from scratch", self.out)
             # --overwrite of an earlier run: its checkpoints must not be resumed into this one
-            for _, old in checkpoint.list_checkpoints(self.out):
-                shutil.rmtree(old)
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.metrics.reset()
+            if self.dist.is_main:
+                for _, old in checkpoint.list_checkpoints(self.out):
+                    shutil.rmtree(old)
+                self.out.mkdir(parents=True, exist_ok=True)
+                self.metrics.reset()
+            self.dist.barrier()
             if self.tuner.val_set:
                 self._evaluate(step=0)
             return
@@ -298,13 +321,14 @@ class _Fit:
         loss = st.window_loss / max(st.window_tokens, 1)
         record = {"step": st.step, "epoch": round(st.step / self.steps_per_epoch, 3),
                   "loss": round(loss, 5), "lr": self.scheduler.get_last_lr()[0],
-                  "tokens_per_s": round(st.window_tokens / max(elapsed, 1e-9), 1),
+                  # every non-padding token the model processed, prompt included
+                  "tokens_per_s": round(st.window_input_tokens / max(elapsed, 1e-9), 1),
                   "rss_gb": round(_rss_gb(), 3)}
         self.metrics.write(record)
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
                         rss=f"{record['rss_gb']:.2f}G")
         log.info("%s", {k: record[k] for k in ("loss", "lr", "epoch")})
-        st.window_loss, st.window_tokens = 0.0, 0
+        st.window_loss, st.window_tokens, st.window_input_tokens = 0.0, 0, 0
         return loss
 
     def _lr_factor(self, step: int) -> float:
@@ -324,12 +348,16 @@ class _Fit:
         import torch
 
         rows = self.tuner.train_set.rows
+        size, rank = self.cfg.batch_size * self.dist.world, self.dist.rank
         epoch, offset = divmod(rows_seen, len(rows))
         while True:
             order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
-            for start in range(offset, len(rows), self.cfg.batch_size):
-                chunk = [rows[i] for i in order[start:start + self.cfg.batch_size].tolist()]
-                yield dataset.collate(chunk, self.pad_id), len(chunk)
+            for start in range(offset, len(rows), size):
+                global_chunk = order[start:start + size].tolist()
+                # this rank's contiguous slice; at an epoch's ragged end a rank may get none
+                per_rank = -(-len(global_chunk) // self.dist.world)
+                mine = [rows[i] for i in global_chunk[rank * per_rank:(rank + 1) * per_rank]]
+                yield (dataset.collate(mine, self.pad_id) if mine else None), len(global_chunk)
             epoch, offset = epoch + 1, 0
 
     def _on_memory_guard(self, memory, guard: int, batches):
@@ -352,30 +380,50 @@ class _Fit:
         return batches
 
     def _optimizer_step(self, batches, params) -> tuple[float, int, int]:
+        """One optimizer step; returns (summed loss, trained tokens, rows), over all ranks."""
+        import contextlib
+
         import torch
 
         pairs = [next(batches) for _ in range(self.cfg.grad_accum)]
-        micro, rows = [b for b, _ in pairs], sum(n for _, n in pairs)
-        tokens = sum(int((b["labels"][:, 1:] != dataset.IGNORE_INDEX).sum()) for b in micro)
+        micro, rows = [b for b, _ in pairs if b is not None], sum(n for _, n in pairs)
+        local_tokens = sum(int((b["labels"][:, 1:] != dataset.IGNORE_INDEX).sum()) for b in micro)
+        local_inputs = sum(int(b["attention_mask"].sum()) for b in micro)
+        tokens, inputs = self.dist.sum(local_tokens, local_inputs)
+        self.state.window_input_tokens += int(inputs)
+        # DDP averages gradients over ranks; scaling by world size turns that into the
+        # sum, so the step's gradient is d(total loss / all trained tokens).
+        scale = self.dist.world / max(tokens, 1)
         loss_sum = 0.0
-        for batch in micro:
-            loss = self._loss_sum(batch) / max(tokens, 1)
-            loss.backward()
-            loss_sum += loss.item() * tokens
+        if not micro and self.dist.enabled:  # nothing for this rank: still join the all-reduce
+            micro = [None]
+        for index, batch in enumerate(micro):
+            last = index == len(micro) - 1
+            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.train_model.no_sync()
+            with sync:
+                part = self._loss_sum(batch) if batch is not None else self._zero_loss()
+                (part * scale).backward()
+            loss_sum += part.item()
         if self.cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum, tokens, rows
+        loss_sum = self.dist.sum(loss_sum)[0]
+        return loss_sum, int(tokens), rows
+
+    def _zero_loss(self):
+        """A zero loss that still touches every trainable parameter (DDP needs each rank's grads)."""
+        return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
 
     def _loss_sum(self, batch):
         """Summed cross-entropy over trained tokens (fp32), so micro-batches weigh by tokens."""
         import torch
 
         batch = {k: v.to(self.device) for k, v in batch.items()}
+        model = self.train_model if torch.is_grad_enabled() else self.model
         with torch.autocast(**self.autocast):
-            logits = self.model(input_ids=batch["input_ids"],
-                                attention_mask=batch["attention_mask"]).logits
+            logits = model(input_ids=batch["input_ids"],
+                           attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         return torch.nn.functional.cross_entropy(
             logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
@@ -403,10 +451,12 @@ class _Fit:
         return value
 
     def _checkpoint(self) -> None:
-        protect = {self.state.best_step} if self.cfg.save_best and self.state.best_step else set()
-        path = checkpoint.save(self.out, self.state, self.model, self.optimizer, self.scheduler,
-                               keep=self.cfg.save_total_limit, protect=protect)
-        log.info("checkpoint saved: %s", path)
+        if self.dist.is_main:
+            protect = {self.state.best_step} if self.cfg.save_best and self.state.best_step else set()
+            path = checkpoint.save(self.out, self.state, self.model, self.optimizer, self.scheduler,
+                                   keep=self.cfg.save_total_limit, protect=protect)
+            log.info("checkpoint saved: %s", path)
+        self.dist.barrier()
 
     def _interrupted(self, seconds: float) -> TrainResult:
         command = _resume_command(getattr(self, "shrink_hint", ""))
@@ -443,6 +493,10 @@ def _resume_command(extra: str = "") -> str:
             return f"glmtune train --from-make {extra} --resume auto  # with the same Make variables"
         return shlex.join(["make", "train"]) + "".join(" " + g for g in given) + " RESUME=auto"
     launcher = {"glmtune": ["glmtune"], "__main__.py": ["python", "-m", "glmtune"]}
+    world = distributed.from_environment().world
+    if world > 1:  # the same launch again: torchrun / accelerate set these
+        launcher = {name: ["torchrun", f"--nproc_per_node={world}", "-m", "glmtune"]
+                    for name in launcher}
     if sys.argv and Path(sys.argv[0]).name in launcher:
         argv = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume", "auto"])
         return shlex.join([*launcher[Path(sys.argv[0]).name], *argv]) + (f" {extra}" if extra else "")

@@ -43,6 +43,10 @@ class ScriptedPredictor:
             self.in_base = False
 
 
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text("utf-8").splitlines()]
+
+
 def write_rows(path, rows):
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
     return path
@@ -67,7 +71,7 @@ def test_triplet_scores_by_hand(tmp_path):
     assert adapter.exact_match == pytest.approx(1 / 3)  # only q3 (无 = 无)
     assert (base_scores.precision, base_scores.recall, base_scores.exact_match) == (0, 0, 1 / 3)
 
-    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text("utf-8").splitlines()]
+    rows = read_jsonl(out / "predictions.jsonl")
     assert [r["prompt"] for r in rows] == ["q1", "q2", "q3"]
     assert rows[0]["prediction"] == answers["q1"] and rows[0]["base_prediction"] == "无"
     assert [r["exact_match"] for r in rows] == [False, False, True]
@@ -115,7 +119,7 @@ def test_eval_cli_with_compare_base(adapter, tiny_model, triplet_dir, run_cli, t
         "--threads", 1)
     assert code == 0, err
     assert "adapter" in stdout and "base" in stdout and "f1" in stdout
-    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text("utf-8").splitlines()]
+    rows = read_jsonl(out / "predictions.jsonl")
     assert len(rows) == 3 and all("base_prediction" in r for r in rows)
 
     # The adapter switched off is exactly the bare base model.

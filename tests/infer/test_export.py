@@ -76,3 +76,25 @@ def test_export_needs_an_adapter(run_cli, tmp_path):
     code, _, err = run_cli("export", "--adapter", tmp_path / "missing", "--out", tmp_path / "m")
     assert code == 2 and "missing" in err and "not found" in err
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_export_remote_code_chatglm(version, run_cli, tmp_path):
+    from glmtune.model import load
+    from tests.fixtures.remote_chatglm import build_remote_chatglm
+
+    base = build_remote_chatglm(tmp_path / f"chatglm{version}", version=version)
+    adapter = build_random_adapter(base, tmp_path / "lora", trust_remote_code=True)
+    out = tmp_path / "merged"
+    code, stdout, err = run_cli("export", "--adapter", adapter, "--model", base,
+                                "--trust-remote-code", "--out", out, "--threads", 1)
+    assert code == 0, err
+    assert "verified" in stdout
+    # the model's own code travels with it, or the export would not load anywhere else
+    assert (out / "modeling_chatglm.py").is_file() and (out / "configuration_chatglm.py").is_file()
+
+    with_adapter = Predictor(PredictConfig(adapter=str(adapter), model=str(base),
+                                           trust_remote_code=True, bf16="false", threads=1))
+    ids = with_adapter.prompt_ids(PROBE)
+    merged = load.load_model(load.resolve(str(out)), trust_remote_code=True).eval()
+    assert (logits(merged, ids) - logits(with_adapter.model, ids)).abs().max().item() <= 1e-4

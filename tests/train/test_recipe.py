@@ -28,7 +28,7 @@ def test_cli_run_writes_exactly_the_expected_artifacts(run_cli, tiny_model, trip
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == sorted([
         "README.md", "adapter_config.json", "adapter_model.safetensors", "chat_template.jinja",
-        "glmtune_config.yaml", "loss.png", "metrics.jsonl", "tokenizer.json",
+        "glmtune_config.yaml", "loss.png", "memory.csv", "metrics.jsonl", "tokenizer.json",
         "tokenizer_config.json"])
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2]

@@ -1,0 +1,162 @@
+"""Peak memory of real LoRA runs against the planner's prediction (`make bench-memory`).
+
+Builds (once, cached under bench/cache/, outside git) a random-weight GLM with
+ChatGLM3-6B's shape, written straight to 1 GB safetensors shards so building
+never holds the model in memory, then trains a few steps in a fresh process
+per configuration and compares the process's peak RSS (loading included) with
+what ``glmtune plan`` predicted before loading.
+
+    python bench/memory.py [--only NAME ...] [--steps 3]
+
+Last line: ``RESULT {json}`` with quant, peak_rss_gb, predicted_gb, s_per_step per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CACHE = Path(os.environ.get("GLMTUNE_BENCH_CACHE", HERE / "cache"))
+SHARD_BYTES = 1 << 30
+
+SHAPES = {
+    # ChatGLM3-6B: hidden 4096, 28 layers, FFN 13696, vocab 65024, 32 heads, 2 KV groups
+    "glm-6b": dict(hidden_size=4096, num_hidden_layers=28, intermediate_size=13696,
+                   vocab_size=65024, num_attention_heads=32, num_key_value_heads=2, head_dim=128),
+    # the throughput issue's GLM-241M
+    "glm-241m": dict(hidden_size=1024, num_hidden_layers=16, intermediate_size=2816,
+                     vocab_size=32000, num_attention_heads=16, num_key_value_heads=2, head_dim=64),
+    "glm-660m": dict(hidden_size=2048, num_hidden_layers=12, intermediate_size=5632,
+                     vocab_size=32000, num_attention_heads=16, num_key_value_heads=2, head_dim=128),
+}
+
+# name -> (model, quant, batch, seq, gradient checkpointing)
+RUNS = {
+    "6b-4bit": ("glm-6b", "4bit", 1, 128, True),
+    "6b-bf16": ("glm-6b", "none", 1, 128, True),
+    "tiny-default": ("tiny-glm", "none", 16, 128, False),
+    "241m-bf16": ("glm-241m", "none", 4, 256, False),
+    "660m-4bit": ("glm-660m", "4bit", 2, 128, True),
+}
+
+
+def build_random_glm(name: str) -> Path:
+    """A GLM directory with random bf16 weights, written shard by shard."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import GlmConfig, GlmForCausalLM
+
+    from glmtune.model import tiny_glm
+
+    path = CACHE / name
+    if (path / "model.safetensors.index.json").is_file():
+        return path
+    tmp = CACHE / f".{name}.tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    tokenizer_dir = tiny_glm.build(CACHE / "tiny-glm")
+    config = GlmConfig(**SHAPES[name], pad_token_id=0, eos_token_id=0, tie_word_embeddings=False,
+                       dtype="bfloat16")
+    with torch.device("meta"):
+        shapes = {n: (p.shape, p.dim()) for n, p in GlmForCausalLM(config).state_dict().items()}
+    generator = torch.Generator().manual_seed(0)
+    index, shard, shard_size, count, total = {}, {}, 0, 0, 0
+
+    def flush():
+        nonlocal shard, shard_size, count
+        if shard:
+            count += 1
+            file = f"model-{count:05d}.safetensors"
+            save_file(shard, tmp / file, metadata={"format": "pt"})
+            index.update({n: file for n in shard})
+            shard, shard_size = {}, 0
+
+    for pname, (shape, dim) in shapes.items():
+        if dim == 1:  # norms and biases
+            tensor = torch.ones(shape, dtype=torch.bfloat16) if "norm" in pname else torch.zeros(shape, dtype=torch.bfloat16)
+        else:
+            tensor = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+        size = tensor.numel() * 2
+        if shard_size + size > SHARD_BYTES:
+            flush()
+        shard[pname] = tensor
+        shard_size += size
+        total += size
+    flush()
+    config.save_pretrained(tmp)
+    for file in tokenizer_dir.iterdir():
+        if file.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            (tmp / file.name).write_bytes(file.read_bytes())
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": index}))
+    tmp.rename(path)
+    return path
+
+
+def child(spec: dict) -> dict:
+    """One run in this (fresh) process: plan, load, train, report peak RSS."""
+    from glmtune.config import TrainConfig
+    from glmtune.train.recipe import FineTuner
+
+    data = Path(spec["out"]) / "data.txt"
+    data.parent.mkdir(parents=True, exist_ok=True)
+    # rows longer than max_seq_len: every batch is full length, as the estimate assumes
+    data.write_text(("苹果公司是一家美国的科技公司。Fine-tuning on a laptop. " * 40 + "\n") * 64, "utf-8")
+    config = TrainConfig(model=spec["model"], data=str(data), val_data="", output_dir=spec["out"] + "/run",
+                         quant=spec["quant"], batch_size=spec["batch"], max_seq_len=spec["seq"],
+                         gradient_checkpointing=spec["ckpt"], max_steps=spec["steps"], lora_r=8,
+                         logging_steps=1, overwrite=True, train_embeddings="false",
+                         save_steps=10_000)
+    tuner = FineTuner(config)
+    tuner.prepare_datasets()
+    predicted = tuner.plan.predicted.peak / 2**30
+    started = time.perf_counter()
+    tuner.train()
+    records = [json.loads(x) for x in (Path(spec["out"]) / "run" / "metrics.jsonl").read_text().splitlines()]
+    step_times = [spec["batch"] * spec["seq"] / r["tokens_per_s"] for r in records if "loss" in r][1:]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    return {"quant": spec["quant"], "peak_rss_gb": round(peak, 3), "predicted_gb": round(predicted, 3),
+            "error": round(predicted / peak - 1, 3),
+            "s_per_step": round(sum(step_times) / max(len(step_times), 1), 2),
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", choices=sorted(RUNS), help="runs to do (default: all)")
+    parser.add_argument("--steps", type=int, default=int(os.environ.get("BENCH_STEPS", 3)))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print("CHILD " + json.dumps(child(json.loads(args.child))), flush=True)
+        return 0
+    results = {}
+    for name in args.only or RUNS:
+        model, quant, batch, seq, ckpt = RUNS[name]
+        path = model if model == "tiny-glm" else str(build_random_glm(model))
+        spec = dict(model=path, quant=quant, batch=batch, seq=seq, ckpt=ckpt, steps=args.steps,
+                    out=str(CACHE / "runs" / name))
+        print(f"== {name}: {model} quant={quant} batch={batch} seq={seq} checkpointing={ckpt}",
+              flush=True)
+        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
+                              capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("CHILD ")), None)
+        if proc.returncode or line is None:
+            print(proc.stderr[-3000:], file=sys.stderr)
+            results[name] = {"quant": quant, "failed": proc.returncode}
+            continue
+        results[name] = json.loads(line[6:])
+        print(f"   {results[name]}", flush=True)
+    print("RESULT " + json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(HERE.parent))
+    raise SystemExit(main())
