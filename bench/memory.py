@@ -115,14 +115,19 @@ def child(spec: dict) -> dict:
                          save_steps=10_000)
     tuner = FineTuner(config)
     tuner.prepare_datasets()
-    predicted = tuner.plan.predicted.peak / 2**30
+    predicted = tuner.plan.predicted
     started = time.perf_counter()
+    tuner.setup_model_and_tokenizer()
+    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     tuner.train()
     records = [json.loads(x) for x in (Path(spec["out"]) / "run" / "metrics.jsonl").read_text().splitlines()]
     step_times = [spec["batch"] * spec["seq"] / r["tokens_per_s"] for r in records if "loss" in r][1:]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-    return {"quant": spec["quant"], "peak_rss_gb": round(peak, 3), "predicted_gb": round(predicted, 3),
-            "error": round(predicted / peak - 1, 3),
+    return {"quant": spec["quant"], "peak_rss_gb": round(peak, 3),
+            "predicted_gb": round(predicted.peak / 2**30, 3),
+            "error": round(predicted.peak / 2**30 / peak - 1, 3),
+            "load_peak_gb": round(load_peak, 3), "predicted_load_gb": round(predicted.load_peak / 2**30, 3),
+            "predicted_train_gb": round(predicted.train_peak / 2**30, 3),
             "s_per_step": round(sum(step_times) / max(len(step_times), 1), 2),
             "seconds": round(time.perf_counter() - started, 1)}
 

@@ -19,12 +19,17 @@ GB = 1024 ** 3
 
 # bytes per parameter of a quantized Linear weight, quantization state included
 _QUANT_BYTES = {"4bit": 0.5 + 4 / 64 / 8 * 1.0 + 0.03, "8bit": 1.0 + 4 / 4096}
-# measured: RSS of a Python process with torch, transformers and peft imported
-RUNTIME_BYTES = 0.62 * GB
-# measured: activation bytes kept per token per layer, in units of hidden size
-# (without checkpointing: q/k/v/o, MLP inputs, norms, autocast copies)
-_ACT_PER_HIDDEN = 30
-_ACT_PER_INTERMEDIATE = 10
+# measured: RSS of a training process besides model and data (torch, transformers,
+# peft imported: 0.38 GB; then oneDNN kernels, thread pools, the optimizer)
+RUNTIME_BYTES = 0.5 * GB
+# measured: bitsandbytes and its CPU kernels loaded
+QUANT_RUNTIME_BYTES = 0.2 * GB
+# measured: peak while one tensor is quantized, in units of that tensor's checkpoint size
+QUANT_LOAD_FACTOR = 3
+# measured: activation bytes kept per token per layer, in units of the hidden and
+# intermediate sizes (without checkpointing: q/k/v/o, MLP inputs, norms, autocast copies)
+_ACT_PER_HIDDEN = 16
+_ACT_PER_INTERMEDIATE = 5
 
 
 @dataclass(frozen=True)
@@ -92,10 +97,41 @@ def shape_from_config(config: dict[str, Any]) -> Shape:
         head_dim=head_dim, tied_embeddings=bool(config.get("tie_word_embeddings", False)))
 
 
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2,
+                "U8": 1, "I8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _largest_tensor(file: Path) -> int:
+    """Bytes of the biggest tensor in a safetensors file, from its header alone."""
+    with open(file, "rb") as fh:
+        length = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(length))
+    sizes = [_DTYPE_BYTES.get(t["dtype"], 4) * _numel(t["shape"])
+             for name, t in header.items() if name != "__metadata__"]
+    return max(sizes, default=0)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def largest_shard_bytes(model_dir: str | Path) -> int:
-    """The biggest weight file: loading holds one at a time (memory-mapped) besides the model."""
+    """What loading holds in memory besides the model itself.
+
+    Shards are read tensor by tensor (``load.streaming_safetensors``), so for
+    safetensors it is the biggest tensor; a pickled ``.bin`` is read whole.
+    """
     path = Path(model_dir)
-    files = list(path.glob("*.safetensors")) or list(path.glob("*.bin"))
+    files = list(path.glob("*.safetensors"))
+    if files:
+        try:
+            return max(_largest_tensor(f) for f in files)
+        except (OSError, ValueError, KeyError):
+            pass
+    files = files or list(path.glob("*.bin"))
     return max((f.stat().st_size for f in files), default=0)
 
 
@@ -160,11 +196,14 @@ def estimate(shape: Shape, s: Settings, shard_bytes: int = 0) -> Estimate:
     else:
         activations = shape.layers * (tokens * per_token_layer + attention)
     logits = tokens * shape.vocab * (2 + 4 + 4)  # bf16 logits, fp32 copy for the loss, its grad
-    runtime = RUNTIME_BYTES if s.device == "cpu" else 0
-    if s.device != "cpu":
-        runtime = int(0.5 * GB)  # CUDA context and allocator slack
+    if s.device == "cpu":
+        runtime = RUNTIME_BYTES + (QUANT_RUNTIME_BYTES if s.quant != "none" else 0)
+        # quantizing a tensor holds it as read, as float32 and quantized at once
+        transient = shard_bytes * (QUANT_LOAD_FACTOR if s.quant != "none" else 1)
+    else:
+        runtime, transient = int(0.5 * GB), 0  # CUDA context and allocator slack
     return Estimate(weights=weights, trainable=trainable, activations=activations, logits=logits,
-                    runtime=int(runtime), load_transient=shard_bytes if s.device == "cpu" else 0)
+                    runtime=int(runtime), load_transient=int(transient))
 
 
 def read_config(model_dir: str | Path) -> dict[str, Any]:

@@ -38,7 +38,36 @@ BAD_INPUTS = {
     "bad yaml key": ({"c.yaml": b"epochz: 3\nlr: -1\n"}, ["--config", "@c.yaml"],
                      ["epochz", "did you mean 'epochs'"]),
     "bad flag value": ({}, ["--batch-size", "0"], ["batch_size", "positive"]),
+    "yaml wrong type": ({"w.yaml": b"batch_size: [1, 2]\n"}, ["--config", "@w.yaml"],
+                        ["w.yaml", "batch_size", "expected an integer"]),
+    "yaml zero lr": ({"z.yaml": b"lr: 0\nmax_seq_len: -4\n"}, ["--config", "@z.yaml"],
+                     ["lr: must be > 0", "max_seq_len: must be a positive integer"]),
+    "negative epochs": ({}, ["--epochs", "-1"], ["epochs", "> 0"]),
+    "unknown preset": ({}, ["--preset", "huge"], ["preset", "cpu-8gb"]),
+    "empty model name": ({}, ["--model", " "], ["model: must not be empty"]),
+    "tokenizer missing": ({}, ["--model", "@model-copy"], ["model-copy", "tokenizer"]),
+    "corrupted weights": ({}, ["--model", "@model-copy"], ["model-copy", "corrupted"]),
+    "resume target missing": ({}, ["--resume", "@no-checkpoint"], ["no-checkpoint", "not found"]),
+    "damaged checkpoint": ({"out/checkpoint-2/trainer_state.json": b"{not json",
+                            "out/checkpoint-2/adapter_model.safetensors": b"x"},
+                           ["--resume", "auto"], ["checkpoint-2", "damaged"]),
 }
+
+
+def _break_model_copy(case, tiny_model, tmp_path):
+    """The model-directory cases start from a copy of tiny-glm with one part broken."""
+    import shutil
+
+    if case not in ("tokenizer missing", "corrupted weights"):
+        return
+    copy = tmp_path / "model-copy"
+    shutil.copytree(tiny_model, copy)
+    if case == "tokenizer missing":
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            (copy / name).unlink(missing_ok=True)
+    else:
+        weights = copy / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
@@ -48,9 +77,10 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(case, run_cli, tiny_mod
     for name, content in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(content)
+    _break_model_copy(case, tiny_model, tmp_path)
     argv = [str(tmp_path / a[1:]) if a.startswith("@") else a for a in argv]
     out = tmp_path / "out"
-    out.mkdir()
+    out.mkdir(exist_ok=True)
     (out / "keep.txt").write_text("earlier work")
     before = snapshot(out)
     defaults = {"--data": str(tmp_path / "good.jsonl"), "--model": str(tiny_model)}

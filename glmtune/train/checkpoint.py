@@ -91,6 +91,19 @@ def save(out: Path, state: TrainerState, model, optimizer, scheduler, *,
     return target
 
 
+def _damaged(path: Path, exc: BaseException) -> GlmtuneError:
+    return GlmtuneError(f"{path}: checkpoint is damaged ({str(exc).splitlines()[0]}); "
+                        "resume from an earlier checkpoint-N with --resume PATH")
+
+
+def saved_config(path: Path) -> dict[str, Any]:
+    """The config a checkpoint was written with (to compare before anything is loaded)."""
+    try:
+        return json.loads((path / STATE_FILE).read_text("utf-8"))["config"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _damaged(path, exc) from exc
+
+
 def load(path: Path, model, optimizer, scheduler) -> TrainerState:
     """Restore a checkpoint into an already-built model / optimizer / scheduler."""
     import torch
@@ -103,8 +116,7 @@ def load(path: Path, model, optimizer, scheduler) -> TrainerState:
         tensors = torch.load(path / TENSORS_FILE, weights_only=True, map_location="cpu")
         weights = load_file(path / "adapter_model.safetensors")
     except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as exc:
-        raise GlmtuneError(f"{path}: checkpoint is damaged ({str(exc).splitlines()[0]}); "
-                           "resume from an earlier checkpoint-N with --resume PATH") from exc
+        raise _damaged(path, exc) from exc
     set_peft_model_state_dict(model, {k: v.to(next(model.parameters()).device)
                                       for k, v in weights.items()})
     optimizer.load_state_dict(tensors["optimizer"])

@@ -13,7 +13,6 @@ CPUs, which measured 1.7x faster than fp32 here.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -305,8 +304,8 @@ class _Fit:
             if self.tuner.val_set:
                 self._evaluate(step=0)
             return
-        saved = json.loads((resume_from / checkpoint.STATE_FILE).read_text("utf-8"))["config"]
-        differences = checkpoint.config_differences(saved, cfg.to_dict())
+        differences = checkpoint.config_differences(checkpoint.saved_config(resume_from),
+                                                    cfg.to_dict())
         if differences and not cfg.resume_override:
             raise GlmtuneError(f"{resume_from}: cannot resume, these settings differ from the "
                                "checkpoint's (pass --resume-override to resume anyway):\n  - "
