@@ -485,7 +485,7 @@ def _resume_command(extra: str = "") -> str:
 
     from glmtune.config import make_variables
 
-    if os.environ.get("MAKELEVEL"):  # started by `make train VAR=...`
+    if "--from-make" in sys.argv:  # started by `make train VAR=...`
         given = [f"{var}={shlex.quote(os.environ[var])}" for var in make_variables(TrainConfig)
                  if os.environ.get(var) and var != "RESUME"]
         if extra:  # flags Make has no variables for go through the glmtune command

@@ -123,7 +123,9 @@ def _cli(tiny_model, triplet_dir, out, *extra):
 
 
 def _env(**extra):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GLMTUNE_FAULT")}
+    # as a user's shell would run it, also under `make test`
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("GLMTUNE_FAULT", "MAKE")) and k != "MFLAGS"}
     env.update(OMP_NUM_THREADS="1", **extra)
     return env
 
