@@ -94,10 +94,15 @@ def wrap(model, info: Dist, device):
         return model
     from torch.nn.parallel import DistributedDataParallel
 
+    import inspect
+
     ids = [device.index] if device.type == "cuda" else None
-    # broadcast_buffers=False: rotary caches are identical on every rank, and a
-    # broadcast inside forward would deadlock evaluation that runs on one rank.
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    # No buffer sync in forward: rotary caches are identical on every rank, and a
+    # collective inside forward would deadlock a forward that runs on one rank only.
+    # (torch >= 2.13 renamed the option.)
+    params = inspect.signature(DistributedDataParallel.__init__).parameters
+    option = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
+    return DistributedDataParallel(model, device_ids=ids, **{option: False})
 
 
 def shutdown(info: Dist) -> None:
