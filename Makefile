@@ -26,6 +26,7 @@ help:
 	@echo "make plan             show hardware, chosen settings and predicted peak memory"
 	@echo "make monitor          follow a running job's loss and memory (OUTPUT_DIR=...)"
 	@echo "make bench-memory     measured peak memory vs prediction, 6B-shaped model (slow)"
+	@echo "make bench            training tokens/s: glmtune vs HF Trainer fp32/bf16, GLM-241M (BENCH_STEPS=3 shortens)"
 	@echo "make env              write .env for docker compose from this machine's plan (FORCE=1 replaces)"
 	@echo "make docker-build / docker-train / docker-predict   the same in a container (GPU=1 for CUDA)"
 	@echo "make test             run the test suite (what CI runs)"
@@ -83,7 +84,7 @@ chat: setup
 export: setup
 	$(GLMTUNE) export --from-make
 
-.PHONY: plan monitor bench-memory
+.PHONY: plan monitor bench-memory bench
 
 plan: setup
 	$(GLMTUNE) plan --from-make
@@ -95,6 +96,10 @@ monitor: setup
 # needs about 14 GB of free memory; BENCH_STEPS sets the steps per run.
 bench-memory: setup
 	$(BIN)/python bench/memory.py
+
+# GLM-241M LoRA tokens/s: HF Trainer + PEFT fp32 / bf16 vs glmtune, matmul peak, RSS.
+bench: setup
+	$(BIN)/python bench/throughput.py
 
 test: setup
 	$(BIN)/python -m pytest -m "not gpu" -q

@@ -1,0 +1,289 @@
+"""Training throughput: glmtune vs HF Trainer + PEFT on GLM-241M (`make bench`).
+
+In one invocation: builds (once, cached by ``bench/memory.py``) a random native GLM
+"GLM-241M" (hidden 1024, 16 layers, FFN 2816, vocab 32000, 16 heads, 2 KV heads,
+head_dim 64), measures the fp32 and bf16 matmul peak, then LoRA-trains (r=8, alpha 16,
+dropout 0, every linear layer) at sequence 256 x micro-batch 4, one warm-up step plus
+``BENCH_STEPS`` (default 5) timed steps, each run in a fresh process (peak RSS = its
+``ru_maxrss``):
+
+  A. HF ``Trainer`` + PEFT, fp32 (what the seeds did)
+  B. the same with ``bf16=True``
+  C. glmtune's own path (``FineTuner``) with its defaults for this machine
+
+on two data sets: fixed length (text rows longer than 256 tokens, so every row is
+exactly 256) and variable length (the triplet set; A/B pad every row to 256 as the
+seeds did, C pads as it does by default). Effective tokens/s counts non-padding tokens.
+
+    python bench/throughput.py            # BENCH_STEPS=3 shortens it
+
+Last line: ``RESULT {json}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from memory import CACHE, SHAPES, build_random_glm  # noqa: E402  (bench/memory.py)
+
+MODEL = "glm-241m"
+SEQ, BATCH, WARMUP, LORA_R, LORA_ALPHA = 256, 4, 1, 8, 16
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
+RUNS = CACHE / "runs" / "throughput"
+TEXT_ROW = "苹果公司是一家美国的科技公司。Fine-tuning on a laptop. " * 40
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ------------------------------------------------------------------ matmul peak
+def matmul_peak(threads: int = 2) -> dict:
+    """Best GFLOP/s of square matmuls (2048, 4096) per dtype, ``threads`` threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        best = 0.0
+        for n in (2048, 4096):
+            a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+            for _ in range(2):
+                a @ b
+            reps, started = 0, time.perf_counter()
+            while reps < 3 or time.perf_counter() - started < 1.0:
+                a @ b
+                reps += 1
+            gflops = 2 * n**3 * reps / (time.perf_counter() - started) / 1e9
+            out[f"{str(dtype)[6:]}_{n}"] = round(gflops, 1)
+            best = max(best, gflops)
+        out[str(dtype)[6:]] = round(best, 1)
+    return out
+
+
+def linear_params(model_dir: Path) -> int:
+    """N: parameters in the base model's Linear layers (LM head included)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+# ------------------------------------------------------------------ children
+def child_hf(spec: dict) -> dict:
+    """A/B: HF Trainer + PEFT on the given token ids, every row padded to SEQ."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import (AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments,
+                              default_data_collator)
+
+    rows = json.loads(Path(spec["rows"]).read_text())
+    pad = spec["pad_id"]
+
+    def padded(row):  # padding="max_length", as the seeds did
+        n = len(row["input_ids"])
+        return {"input_ids": row["input_ids"] + [pad] * (SEQ - n),
+                "attention_mask": [1] * n + [0] * (SEQ - n),
+                "labels": row["labels"] + [-100] * (SEQ - n)}
+
+    data = [padded(r) for r in rows]
+
+    class Data(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            return data[i]
+
+    class Timer(TrainerCallback):
+        def __init__(self):
+            self.times, self.t0 = [], 0.0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.t0)
+
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                                             target_modules=TARGETS, task_type="CAUSAL_LM"))
+    timer = Timer()
+    args = TrainingArguments(output_dir=spec["out"], use_cpu=True, per_device_train_batch_size=BATCH,
+                             max_steps=WARMUP + spec["steps"], report_to=[], save_strategy="no",
+                             logging_strategy="no", bf16=spec["bf16"], learning_rate=2e-3,
+                             disable_tqdm=True, seed=42)
+    Trainer(model=model, args=args, train_dataset=Data(), data_collator=default_data_collator,
+            callbacks=[timer]).train()
+    times = timer.times[WARMUP:]
+    # every step has the same shape (BATCH x SEQ); its real tokens average the data set's
+    mean_len = sum(len(r["input_ids"]) for r in rows) / len(rows)
+    return {"step_s": [round(t, 3) for t in times], "threads": torch.get_num_threads(),
+            "tok_s": round(BATCH * SEQ * len(times) / sum(times), 1),
+            "eff_tok_s": round(BATCH * mean_len * len(times) / sum(times), 1),
+            "rss_gb": round(_peak_rss_gb(), 3)}
+
+
+def child_glmtune(spec: dict) -> dict:
+    """C: glmtune's FineTuner with its defaults; step times from its metrics.jsonl."""
+    import torch
+
+    from glmtune.config import TrainConfig
+    from glmtune.train.recipe import FineTuner
+
+    steps = WARMUP + spec["steps"]
+    config = TrainConfig(model=spec["model"], data=spec["data"], val_data="", batch_size=BATCH,
+                         max_seq_len=SEQ, lora_r=LORA_R, max_steps=steps, logging_steps=1,
+                         train_embeddings="false", output_dir=spec["out"], overwrite=True,
+                         save_steps=10_000)
+    tuner = FineTuner(config)
+    tuner.train()
+    cfg = tuner.config  # as planned for this machine
+    records = [json.loads(x) for x in (Path(spec["out"]) / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "tokens_per_s" in r]
+    # the non-padding input tokens of each step, in the order glmtune drew them (epoch 0)
+    rows = tuner.train_set.rows
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    per_step = cfg.batch_size * cfg.grad_accum
+    tokens = [sum(len(rows[i].input_ids) for i in order[s * per_step:(s + 1) * per_step])
+              for s in range(len(records))]
+    timed = list(zip(tokens, records))[WARMUP:]
+    times = [t / r["tokens_per_s"] for t, r in timed]
+    tok_s = sum(t for t, _ in timed) / sum(times)
+    return {"step_s": [round(t, 3) for t in times], "threads": torch.get_num_threads(),
+            "tok_s": round(tok_s, 1), "eff_tok_s": round(tok_s, 1),
+            "plan": tuner.plan.describe(), "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+            "rss_gb": round(_peak_rss_gb(), 3)}
+
+
+def run_child(kind: str, spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)],
+                          capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("CHILD ")), None)
+    if proc.returncode or line is None:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{kind} run failed (exit {proc.returncode})")
+    return json.loads(line[6:])
+
+
+# ------------------------------------------------------------------ data
+def tokenized(model_dir: Path, data: Path) -> tuple[list[dict], int]:
+    """glmtune's own tokenization of ``data`` (ids + loss labels), shared with A/B."""
+    from glmtune.config import TrainConfig
+    from glmtune.train.recipe import FineTuner
+
+    tuner = FineTuner(TrainConfig(model=str(model_dir), data=str(data), val_data="",
+                                  batch_size=BATCH, max_seq_len=SEQ, lora_r=LORA_R,
+                                  train_embeddings="false", output_dir=str(RUNS / "unused")))
+    tuner.prepare_datasets()
+    rows = [{"input_ids": r.input_ids, "labels": r.labels} for r in tuner.train_set.rows]
+    return rows, tuner.tokenizer.pad_token_id
+
+
+def write_data() -> dict[str, Path]:
+    from glmtune.data import triplets
+
+    RUNS.mkdir(parents=True, exist_ok=True)
+    fixed = RUNS / "fixed.txt"
+    fixed.write_text((TEXT_ROW + "\n") * 64, "utf-8")
+    train, _ = triplets.generate()
+    variable = RUNS / "triplets.jsonl"
+    variable.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train), "utf-8")
+    return {"fixed": fixed, "variable": variable}
+
+
+# ------------------------------------------------------------------ main
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        result = (child_hf if sys.argv[2] == "hf" else child_glmtune)(json.loads(sys.argv[3]))
+        print("CHILD " + json.dumps(result), flush=True)
+        return 0
+    steps = int(os.environ.get("BENCH_STEPS", 5))
+    started = time.perf_counter()
+    import torch
+    import transformers
+
+    model_dir = build_random_glm(MODEL)
+    n_linear = linear_params(model_dir)
+    print(f"GLM-241M {SHAPES[MODEL]} at {model_dir}: {n_linear / 1e6:.1f} M parameters in Linear layers",
+          flush=True)
+    peak = matmul_peak(threads=2)
+    print(f"matmul peak (2 threads, GFLOP/s): {peak}", flush=True)
+
+    results: dict[str, dict] = {}
+    for scenario, path in write_data().items():
+        rows, pad_id = tokenized(model_dir, path)
+        ids_file = RUNS / f"{scenario}.ids.json"
+        ids_file.write_text(json.dumps(rows))
+        mean_len = sum(len(r["input_ids"]) for r in rows) / len(rows)
+        print(f"== {scenario}: {len(rows)} rows, mean {mean_len:.1f} tokens (max {SEQ})", flush=True)
+        for name, kind, extra in (("A", "hf", {"bf16": False}), ("B", "hf", {"bf16": True}),
+                                  ("C", "glmtune", {"data": str(path)})):
+            spec = dict(model=str(model_dir), steps=steps, out=str(RUNS / f"{scenario}-{name}"),
+                        rows=str(ids_file), pad_id=pad_id, **extra)
+            results[f"{scenario}-{name}"] = r = run_child(kind, spec)
+            print(f"   {name}: {r['tok_s']:.0f} tok/s, {r['eff_tok_s']:.0f} effective, "
+                  f"RSS {r['rss_gb']:.2f} GB, steps {r['step_s']}", flush=True)
+            if "plan" in r:
+                print("      plan: " + r["plan"].replace("\n", "\n      "), flush=True)
+
+    f, v = (lambda k: results[f"fixed-{k}"]), (lambda k: results[f"variable-{k}"])
+    bf16_peak = peak["bfloat16"] * 1e9
+    frac = {k: 4 * n_linear * f(k)["tok_s"] / bf16_peak for k in "ABC"}
+    names = {"A": "HF Trainer + PEFT, fp32", "B": "HF Trainer + PEFT, bf16", "C": "glmtune (defaults)"}
+    print()
+    print(f"GLM-241M LoRA r={LORA_R}, {BATCH} x {SEQ}, {WARMUP} warm-up + {steps} timed steps, "
+          f"{_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"matmul peak: bf16 {peak['bfloat16']:.0f} GFLOP/s, fp32 {peak['float32']:.0f} GFLOP/s; "
+          f"4·N·T bound at the bf16 peak: {bf16_peak / (4 * n_linear):.0f} tok/s")
+    print("| run | fixed tok/s | vs A | % bf16 peak | peak RSS GB | variable eff. tok/s | vs A |")
+    print("|---|---|---|---|---|---|---|")
+    for k in "ABC":
+        print(f"| {k}. {names[k]} | {f(k)['tok_s']:.0f} | {f(k)['tok_s'] / f('A')['tok_s']:.2f}× "
+              f"| {100 * frac[k]:.1f} % | {f(k)['rss_gb']:.2f} | {v(k)['eff_tok_s']:.0f} "
+              f"| {v(k)['eff_tok_s'] / v('A')['eff_tok_s']:.2f}× |")
+    result = {
+        "machine": f"{_cpu_name()}, {os.cpu_count()} cores",
+        "steps": steps, "n_linear": n_linear,
+        "peak_gflops_bf16": peak["bfloat16"], "peak_gflops_fp32": peak["float32"],
+        **{f"tok_s_{k}": f(k)["tok_s"] for k in "ABC"},
+        "ratio_C_A": round(f("C")["tok_s"] / f("A")["tok_s"], 3),
+        "ratio_C_B": round(f("C")["tok_s"] / f("B")["tok_s"], 3),
+        "peak_frac_C": round(frac["C"], 4),
+        **{f"rss_{k}": f(k)["rss_gb"] for k in "ABC"},
+        "rss_ratio_C_B": round(f("C")["rss_gb"] / f("B")["rss_gb"], 3),
+        **{f"eff_tok_s_{k}": v(k)["eff_tok_s"] for k in "ABC"},
+        "eff_ratio_C_A": round(v("C")["eff_tok_s"] / v("A")["eff_tok_s"], 3),
+        "eff_ratio_C_B": round(v("C")["eff_tok_s"] / v("B")["eff_tok_s"], 3),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    print("RESULT " + json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
