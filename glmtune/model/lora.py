@@ -33,10 +33,13 @@ def attach_lora(model, family: Family, *, r: int, alpha: int, dropout: float, ta
                 train_embeddings: bool):
     from peft import LoraConfig, get_peft_model
 
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
         target_modules=target_modules(family, targets),
-        modules_to_save=embedding_module_names(model) if train_embeddings else None)
+        modules_to_save=embedding_module_names(model) if train_embeddings else None,
+        # trained copies of tied embeddings must stay one matrix, as in the base
+        ensure_weight_tying=tied and train_embeddings)
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as exc:

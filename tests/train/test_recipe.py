@@ -161,3 +161,23 @@ def test_gradient_accumulation_weighs_every_token_equally(tiny_model, triplet_di
         return json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["loss"]
 
     assert first_loss("one", 8, 1) == pytest.approx(first_loss("split", 2, 4), rel=1e-5)
+
+
+def test_trained_tied_embeddings_stay_tied(tiny_model, triplet_dir, tmp_path):
+    """A base whose LM head is its embedding matrix keeps one matrix when both are trained."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tied = tmp_path / "tied"
+    shutil.copytree(tiny_model, tied)
+    config = AutoConfig.from_pretrained(tied)
+    config.tie_word_embeddings = True
+    AutoModelForCausalLM.from_config(config).save_pretrained(tied)
+    tuner = FineTuner(TrainConfig(model=str(tied), data=str(triplet_dir / "train_triplet.jsonl"),
+                                  output_dir=str(tmp_path / "out"), max_steps=2, batch_size=4,
+                                  val_data="", train_embeddings="true"))
+    tuner.train()
+    embed = tuner.model.get_input_embeddings().modules_to_save["default"].weight
+    head = tuner.model.get_output_embeddings().modules_to_save["default"].weight
+    assert embed.data_ptr() == head.data_ptr()
