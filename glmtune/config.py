@@ -439,6 +439,8 @@ def coerce(cls: type, name: str, value: Any, source: str) -> tuple[Any, str | No
             return float(value), None
         if isinstance(value, (dict, list)):
             raise ValueError
+        if isinstance(value, bool):  # YAML `bf16: true` means the choice "true"
+            return ("true" if value else "false"), None
         return str(value), None
     except (TypeError, ValueError):
         return value, f"{name}: expected {expected}, got {value!r} ({source})"

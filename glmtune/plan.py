@@ -65,7 +65,8 @@ def memory_budget(config: TrainConfig, hw: Hardware, processes: int = 1) -> int:
     machine share its RAM.
     """
     if config.memory_limit is not None:
-        return int(config.memory_limit * GB)
+        limit = int(config.memory_limit * GB)
+        return limit if hw.gpus else limit // max(1, processes)
     if hw.gpus:
         free = hw.gpus[0].free_bytes
         return int(free - max(0.5 * GB, 0.05 * free))
@@ -158,9 +159,11 @@ def _shrink_steps(config: TrainConfig, plan: Plan):
         c = replace(c, gradient_checkpointing=True)
         yield c, "turned on gradient checkpointing"
     while c.batch_size > 1:
-        c = replace(c, batch_size=c.batch_size // 2, grad_accum=c.grad_accum * 2)
-        yield c, (f"micro-batch {c.batch_size * 2} -> {c.batch_size}, accumulation "
-                  f"{c.grad_accum // 2} -> {c.grad_accum} (same effective batch)")
+        before = c
+        smaller = smaller_batch(c.batch_size)
+        c = replace(c, batch_size=smaller, grad_accum=c.grad_accum * c.batch_size // smaller)
+        yield c, (f"micro-batch {before.batch_size} -> {c.batch_size}, accumulation "
+                  f"{before.grad_accum} -> {c.grad_accum} (same effective batch)")
     for quant in ("8bit", "4bit"):
         if _quant_rank(quant) > _quant_rank(c.quant):
             c = replace(c, quant=quant)
@@ -168,6 +171,11 @@ def _shrink_steps(config: TrainConfig, plan: Plan):
     while c.max_seq_len > MIN_SEQ_LEN:
         c = replace(c, max_seq_len=max(MIN_SEQ_LEN, c.max_seq_len // 2))
         yield c, f"max_seq_len -> {c.max_seq_len} (longer rows are truncated)"
+
+
+def smaller_batch(batch_size: int) -> int:
+    """Half the micro-batch when that divides it, else 1: the effective batch must not change."""
+    return batch_size // 2 if batch_size % 2 == 0 else 1
 
 
 def _quant_rank(quant: str) -> int:

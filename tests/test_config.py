@@ -105,3 +105,10 @@ def test_val_data_auto_uses_sibling(tmp_path):
     assert config.resolved_val_data == str(tmp_path / "val_x.jsonl")
     assert cfg.TrainConfig(data="mine.jsonl").resolved_val_data is None
     assert cfg.TrainConfig(val_data="").resolved_val_data is None
+
+
+def test_yaml_booleans_work_for_auto_true_false_options(tmp_path):
+    yaml_file = tmp_path / "b.yaml"
+    yaml_file.write_text("bf16: false\ntrain_embeddings: true\n")
+    config = parse(["--config", str(yaml_file)])
+    assert (config.bf16, config.train_embeddings) == ("false", "true")

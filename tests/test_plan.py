@@ -103,3 +103,16 @@ def test_plan_command_json(run_cli, tiny_model):
     assert code == 0
     data = json.loads(out)
     assert data["plan"]["predicted_gb"]["peak"] > 0 and data["config"]["model"] == str(tiny_model)
+
+
+def test_odd_micro_batches_shrink_without_changing_the_effective_batch():
+    config = TrainConfig(batch_size=3, grad_accum=2, max_seq_len=512, memory_limit=10.0)
+    _, fitted = make_plan(config, cpu(16), CHATGLM3)
+    assert fitted.batch_size * fitted.grad_accum == 6
+
+
+def test_memory_limit_is_shared_by_processes_on_one_cpu():
+    from glmtune.plan import memory_budget
+
+    assert memory_budget(TrainConfig(memory_limit=8.0), cpu(16), processes=2) == 4 * GB
+    assert memory_budget(TrainConfig(memory_limit=8.0), gpu(24), processes=2) == 8 * GB

@@ -35,9 +35,11 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 # would silently produce a different model than either run describes.
 # The micro-batch split may change (the memory guard's advice): only the
 # effective batch is part of what is computed.
+# The optimizer and scheduler state carry lr, weight decay and warm-up: new
+# values would be recorded but not used.
 SEMANTIC_FIELDS = ("model", "data", "max_samples", "max_seq_len", "template", "lora_r",
                    "lora_alpha", "lora_dropout", "target_modules", "train_embeddings",
-                   "effective_batch", "seed", "quant")
+                   "effective_batch", "seed", "quant", "lr", "weight_decay", "warmup_ratio")
 
 
 @dataclass
@@ -139,8 +141,9 @@ def find_resume_point(out: Path, resume: str) -> Path | None:
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     def value(config, name):
-        if name == "effective_batch":
-            return config.get("batch_size", 0) * config.get("grad_accum", 0)
+        if name == "effective_batch":  # micro-batch x accumulation x processes
+            return (config.get("batch_size", 0) * config.get("grad_accum", 0)
+                    * config.get("world_size", 1))
         return config.get(name)
 
     return [f"{name}: checkpoint has {value(saved, name)!r}, now {value(current, name)!r}"

@@ -28,7 +28,7 @@ from glmtune.data import dataset
 from glmtune.errors import GlmtuneError
 from glmtune.model import load, lora, tiny_glm
 from glmtune.model.family import Family, detect_family, template_override
-from glmtune.plan import Plan, make_plan
+from glmtune.plan import Plan, make_plan, smaller_batch
 from glmtune.train import artifacts, checkpoint, distributed, faults
 from glmtune.train.monitor import GB, MemoryMonitor
 
@@ -117,8 +117,8 @@ class FineTuner:
 
     # ------------------------------------------------------------------- data
     def prepare_datasets(self) -> None:
+        self._ensure_tokenizer()  # first: the plan may change max_seq_len to fit memory
         cfg = self.config
-        self._ensure_tokenizer()
         self.train_set, self.val_set = dataset.load_train_val(
             cfg.data, cfg.resolved_val_data, self.tokenizer, self.family.template,
             cfg.max_seq_len, cfg.max_samples, cfg.max_eval_samples)
@@ -221,7 +221,7 @@ class _Fit:
         self.eval_every = self.cfg.eval_steps or max(1, self.total_steps // 5)
         self.save_every = self.cfg.save_steps or self.steps_per_epoch
         self.metrics = artifacts.MetricsLog(out / "metrics.jsonl", enabled=self.dist.is_main)
-        self.state = checkpoint.TrainerState(config=self.cfg.to_dict())
+        self.state = checkpoint.TrainerState(config=self._config_record())
 
     def run(self) -> TrainResult:
         import torch
@@ -305,15 +305,19 @@ class _Fit:
                 self._evaluate(step=0)
             return
         differences = checkpoint.config_differences(checkpoint.saved_config(resume_from),
-                                                    cfg.to_dict())
+                                                    self._config_record())
         if differences and not cfg.resume_override:
             raise GlmtuneError(f"{resume_from}: cannot resume, these settings differ from the "
                                "checkpoint's (pass --resume-override to resume anyway):\n  - "
                                + "\n  - ".join(differences))
         self.state = checkpoint.load(resume_from, self.model, self.optimizer, self.scheduler)
-        self.state.config = cfg.to_dict()
+        self.state.config = self._config_record()
         self.metrics.truncate_after(self.state.step)
         log.info("resumed from %s at step %d", resume_from, self.state.step)
+
+    def _config_record(self) -> dict:
+        """What a checkpoint records of the run: the config and how many processes ran it."""
+        return {**self.cfg.to_dict(), "world_size": self.dist.world}
 
     def _log_window(self, bar, elapsed: float) -> float:
         st = self.state
@@ -353,24 +357,31 @@ class _Fit:
             order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
             for start in range(offset, len(rows), size):
                 global_chunk = order[start:start + size].tolist()
-                # this rank's contiguous slice; at an epoch's ragged end a rank may get none
+                # this rank's contiguous slice; at an epoch's ragged end a rank may get
+                # none: it then runs one fully masked row, which trains nothing but keeps
+                # it in step with the others' gradient all-reduce
                 per_rank = -(-len(global_chunk) // self.dist.world)
                 mine = [rows[i] for i in global_chunk[rank * per_rank:(rank + 1) * per_rank]]
-                yield (dataset.collate(mine, self.pad_id) if mine else None), len(global_chunk)
+                if not mine:
+                    first = rows[global_chunk[0]]
+                    mine = [dataset.Encoded(first.input_ids, [dataset.IGNORE_INDEX] * len(first.input_ids))]
+                yield dataset.collate(mine, self.pad_id), len(global_chunk)
             epoch, offset = epoch + 1, 0
 
     def _on_memory_guard(self, memory, guard: int, batches):
         cfg = self.cfg
         rss = memory.last_rss / GB
         if cfg.auto_shrink and cfg.batch_size > 1:
-            self.cfg = cfg = replace(cfg, batch_size=cfg.batch_size // 2, grad_accum=cfg.grad_accum * 2)
+            smaller = smaller_batch(cfg.batch_size)
+            self.cfg = cfg = replace(cfg, batch_size=smaller,
+                                     grad_accum=cfg.grad_accum * cfg.batch_size // smaller)
             log.warning("memory guard: RSS %.2f GB crossed %.2f GB; micro-batch -> %d, accumulation "
                         "-> %d (same effective batch), continuing", rss, guard / GB,
                         cfg.batch_size, cfg.grad_accum)
             memory.rearm()
             return self._batches(self.state.rows_seen)
         self.tuner._stop_requested = "memory guard"
-        smaller = max(1, cfg.batch_size // 2)
+        smaller = smaller_batch(cfg.batch_size)
         self.shrink_hint = (f"--batch-size {smaller} --grad-accum {cfg.grad_accum * cfg.batch_size // smaller}"
                             + ("" if cfg.gradient_checkpointing else " --gradient-checkpointing"))
         log.warning("memory guard: RSS %.2f GB crossed %.2f GB (%.0f%% of the %.2f GB budget); "
@@ -385,7 +396,7 @@ class _Fit:
         import torch
 
         pairs = [next(batches) for _ in range(self.cfg.grad_accum)]
-        micro, rows = [b for b, _ in pairs if b is not None], sum(n for _, n in pairs)
+        micro, rows = [b for b, _ in pairs], sum(n for _, n in pairs)
         local_tokens = sum(int((b["labels"][:, 1:] != dataset.IGNORE_INDEX).sum()) for b in micro)
         local_inputs = sum(int(b["attention_mask"].sum()) for b in micro)
         tokens, inputs = self.dist.sum(local_tokens, local_inputs)
@@ -394,13 +405,11 @@ class _Fit:
         # sum, so the step's gradient is d(total loss / all trained tokens).
         scale = self.dist.world / max(tokens, 1)
         loss_sum = 0.0
-        if not micro and self.dist.enabled:  # nothing for this rank: still join the all-reduce
-            micro = [None]
         for index, batch in enumerate(micro):
             last = index == len(micro) - 1
             sync = contextlib.nullcontext() if last or not self.dist.enabled else self.train_model.no_sync()
             with sync:
-                part = self._loss_sum(batch) if batch is not None else self._zero_loss()
+                part = self._loss_sum(batch)
                 (part * scale).backward()
             loss_sum += part.item()
         if self.cfg.max_grad_norm:
@@ -409,10 +418,6 @@ class _Fit:
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = self.dist.sum(loss_sum)[0]
         return loss_sum, int(tokens), rows
-
-    def _zero_loss(self):
-        """A zero loss that still touches every trainable parameter (DDP needs each rank's grads)."""
-        return sum(p.sum() * 0.0 for p in self.model.parameters() if p.requires_grad)
 
     def _loss_sum(self, batch):
         """Summed cross-entropy over trained tokens (fp32), so micro-batches weigh by tokens."""
@@ -485,14 +490,15 @@ def _resume_command(extra: str = "") -> str:
 
     from glmtune.config import make_variables
 
+    world = distributed.from_environment().world
     if "--from-make" in sys.argv:  # started by `make train VAR=...`
         given = [f"{var}={shlex.quote(os.environ[var])}" for var in make_variables(TrainConfig)
                  if os.environ.get(var) and var != "RESUME"]
+        target = ["train"] if world == 1 else ["train-ddp", f"NPROC={world}"]
         if extra:  # flags Make has no variables for go through the glmtune command
             return f"glmtune train --from-make {extra} --resume auto  # with the same Make variables"
-        return shlex.join(["make", "train"]) + "".join(" " + g for g in given) + " RESUME=auto"
+        return shlex.join(["make", *target]) + "".join(" " + g for g in given) + " RESUME=auto"
     launcher = {"glmtune": ["glmtune"], "__main__.py": ["python", "-m", "glmtune"]}
-    world = distributed.from_environment().world
     if world > 1:  # the same launch again: torchrun / accelerate set these
         launcher = {name: ["torchrun", f"--nproc_per_node={world}", "-m", "glmtune"]
                     for name in launcher}

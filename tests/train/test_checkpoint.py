@@ -76,8 +76,10 @@ def test_resume_refuses_changed_training_semantics(tiny_model, triplet_dir, tmp_
     out = tmp_path / "out"
     FineTuner(config(tiny_model, triplet_dir, out), callbacks=[stop_at(2)]).train()
     with pytest.raises(GlmtuneError) as info:
-        FineTuner(config(tiny_model, triplet_dir, out, resume="auto", seed=1, batch_size=2)).train()
+        FineTuner(config(tiny_model, triplet_dir, out, resume="auto", seed=1, batch_size=2,
+                         lr=1e-3)).train()
     assert "seed" in str(info.value) and "effective_batch" in str(info.value)
+    assert "lr:" in str(info.value)
     assert "--resume-override" in str(info.value)
     result = FineTuner(config(tiny_model, triplet_dir, out, resume="auto", seed=1,
                               resume_override=True)).train()
