@@ -143,9 +143,9 @@ def cmd_plan(args) -> int:
     """What `glmtune train` would do here, without loading the model."""
     import json
 
-    from glmtune import estimate, hardware, presets
-    from glmtune.model import load, tiny_glm
-    from glmtune.plan import make_plan
+    from glmtune import hardware, presets
+    from glmtune.model import load
+    from glmtune.plan import plan_for_model
 
     if args.list_presets:
         print(presets.table())
@@ -153,11 +153,8 @@ def cmd_plan(args) -> int:
     config = config_from_args(args, cfg.TrainConfig)
     hw = hardware.detect()
     source = load.resolve(config.model)
-    train_embeddings = config.train_embeddings == "true" or (
-        config.train_embeddings == "auto" and tiny_glm.is_tiny(source.path))
-    shard = estimate.largest_shard_bytes(source.path) if source.local else 0
     preset_note = presets.pick(hw)[1] if config.preset == "auto" else None
-    plan, final = make_plan(config, hw, source.config or None, shard, train_embeddings)
+    plan, final, _ = plan_for_model(config, hw, source)
     if args.env:
         print(_env_file(hw, plan, final, preset_note))
         return 0

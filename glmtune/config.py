@@ -240,12 +240,7 @@ class PredictConfig:
         if self.file and self.out and Path(self.out).suffix.lower() != ".jsonl":
             found.append(f"out: batch answers (--file) are written as JSON Lines; give a .jsonl "
                          f"path, got {self.out!r}")
-        if self.max_new_tokens < 1:
-            found.append(f"max_new_tokens: must be a positive integer, got {self.max_new_tokens}")
-        if self.threads is not None and self.threads < 1:
-            found.append(f"threads: must be a positive integer or unset, got {self.threads}")
-        if self.bf16 not in TRI_STATE:
-            found.append(f"bf16: must be one of {', '.join(TRI_STATE)}, got {self.bf16!r}")
+        found += _inference_problems(self)
         if not self.adapter and not self.model:
             found.append("adapter / model: give an adapter directory, or a --model to run bare")
         return found
@@ -288,13 +283,19 @@ EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
-class EvalConfig:
-    """Scoring an adapter (and optionally its bare base model) on held-out prompt/response rows."""
+class _LoadedModel:
+    """The options every command that generates with base + adapter starts with."""
 
     adapter: str = _same(PredictConfig, "adapter")
     model: str | None = _same(PredictConfig, "model")
     trust_remote_code: bool = _same(PredictConfig, "trust_remote_code")
     template: str = _same(PredictConfig, "template")
+
+
+@dataclass
+class EvalConfig(_LoadedModel):
+    """Scoring an adapter (and optionally its bare base model) on held-out prompt/response rows."""
+
     task: str = _opt("what to score: triplet (precision / recall / F1 of extracted triplets) or "
                      "generation (ROUGE-1/2/L and BLEU-4 of the answers)",
                      choices=EVAL_TASKS, default="triplet")
@@ -333,13 +334,9 @@ class EvalConfig:
 
 
 @dataclass
-class ChatConfig:
+class ChatConfig(_LoadedModel):
     """An interactive conversation with a base model plus adapter."""
 
-    adapter: str = _same(PredictConfig, "adapter")
-    model: str | None = _same(PredictConfig, "model")
-    trust_remote_code: bool = _same(PredictConfig, "trust_remote_code")
-    template: str = _same(PredictConfig, "template")
     max_new_tokens: int = _same(PredictConfig, "max_new_tokens", default=256)
     bf16: str = _same(PredictConfig, "bf16")
     threads: int | None = _same(PredictConfig, "threads")

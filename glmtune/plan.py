@@ -109,6 +109,19 @@ def make_plan(config: TrainConfig, hw: Hardware, model_config: dict | None = Non
     return _fit_memory(plan, config, hw, model_config, shard_bytes, train_embeddings, processes)
 
 
+def plan_for_model(config: TrainConfig, hw: Hardware, source,
+                   processes: int = 1) -> tuple[Plan, TrainConfig, bool]:
+    """The plan for training ``source`` (a resolved model): what `glmtune train` and
+    `glmtune plan` both use. Returns (plan, fitted config, trains embeddings?)."""
+    from glmtune.model import tiny_glm
+
+    train_embeddings = config.train_embeddings == "true" or (
+        config.train_embeddings == "auto" and tiny_glm.is_tiny(source.path))
+    shard = est.largest_shard_bytes(source.path) if source.local else 0
+    plan, fitted = make_plan(config, hw, source.config or None, shard, train_embeddings, processes)
+    return plan, fitted, train_embeddings
+
+
 def _settings(plan: Plan, config: TrainConfig, train_embeddings: bool) -> est.Settings:
     return est.Settings(quant=config.quant, base_dtype=plan.base_dtype, lora_r=config.lora_r,
                         train_embeddings=train_embeddings, batch_size=config.batch_size,

@@ -22,13 +22,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from glmtune import estimate, hardware
+from glmtune import hardware
 from glmtune.config import TrainConfig, save_yaml
 from glmtune.data import dataset
 from glmtune.errors import GlmtuneError
 from glmtune.model import load, lora, tiny_glm
 from glmtune.model.family import Family, detect_family, template_override
-from glmtune.plan import Plan, make_plan, smaller_batch
+from glmtune.plan import Plan, plan_for_model, smaller_batch
 from glmtune.train import artifacts, checkpoint, distributed, faults
 from glmtune.train.monitor import GB, MemoryMonitor
 
@@ -97,17 +97,13 @@ class FineTuner:
         cfg = self.config
         self.source = load.resolve(cfg.model)
         load.check_remote_code(self.source, cfg.trust_remote_code)
-        self.train_embeddings = cfg.train_embeddings == "true" or (
-            cfg.train_embeddings == "auto" and tiny_glm.is_tiny(self.source.path))
         hw = hardware.detect()
         self.dist = distributed.init(hw.device)
         if not self.dist.is_main:  # one copy of the logs is enough
             logging.getLogger("glmtune").setLevel(logging.WARNING)
         log.info("hardware:\n  %s", hardware.describe(hw).replace("\n", "\n  "))
-        shard = estimate.largest_shard_bytes(self.source.path) if self.source.local else 0
-        self.plan, self.config = make_plan(cfg, hw, self.source.config or None, shard,
-                                           self.train_embeddings,
-                                           processes=distributed.local_processes())
+        self.plan, self.config, self.train_embeddings = plan_for_model(
+            cfg, hw, self.source, processes=distributed.local_processes())
         hardware.set_threads(self.plan.threads)
         log.info("plan: %s", self.plan.describe())
         self.tokenizer = load.load_tokenizer(self.source, cfg.trust_remote_code)
