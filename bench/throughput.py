@@ -16,6 +16,7 @@ exactly 256) and variable length (the triplet set; A/B pad every row to 256 as t
 seeds did, C pads as it does by default). Effective tokens/s counts non-padding tokens.
 
     python bench/throughput.py            # BENCH_STEPS=3 shortens it
+    BENCH_COMPILE=1 python bench/throughput.py   # adds C with --compile (fixed set)
 
 Last line: ``RESULT {json}``.
 """
@@ -159,23 +160,19 @@ def child_glmtune(spec: dict) -> dict:
     config = TrainConfig(model=spec["model"], data=spec["data"], val_data="", batch_size=BATCH,
                          max_seq_len=SEQ, lora_r=LORA_R, max_steps=steps, logging_steps=1,
                          train_embeddings="false", output_dir=spec["out"], overwrite=True,
-                         save_steps=10_000)
+                         save_steps=10_000, compile=spec.get("compile", False))
     tuner = FineTuner(config)
     tuner.train()
     cfg = tuner.config  # as planned for this machine
     records = [json.loads(x) for x in (Path(spec["out"]) / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "tokens_per_s" in r]
-    # the non-padding input tokens of each step, in the order glmtune drew them (epoch 0)
-    rows = tuner.train_set.rows
-    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    per_step = cfg.batch_size * cfg.grad_accum
-    tokens = [sum(len(rows[i].input_ids) for i in order[s * per_step:(s + 1) * per_step])
-              for s in range(len(records))]
-    timed = list(zip(tokens, records))[WARMUP:]
-    times = [t / r["tokens_per_s"] for t, r in timed]
-    tok_s = sum(t for t, _ in timed) / sum(times)
+    # each record counts the non-padding input tokens of its step
+    timed = records[WARMUP:]
+    times = [r["tokens"] / r["tokens_per_s"] for r in timed]
+    tok_s = sum(r["tokens"] for r in timed) / sum(times)
     return {"step_s": [round(t, 3) for t in times], "threads": torch.get_num_threads(),
             "tok_s": round(tok_s, 1), "eff_tok_s": round(tok_s, 1),
+            "first_step_s": round(records[0]["tokens"] / records[0]["tokens_per_s"], 1),
             "plan": tuner.plan.describe(), "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
             "rss_gb": round(_peak_rss_gb(), 3)}
 
@@ -210,7 +207,7 @@ def write_data() -> dict[str, Path]:
     RUNS.mkdir(parents=True, exist_ok=True)
     fixed = RUNS / "fixed.txt"
     fixed.write_text((TEXT_ROW + "\n") * 64, "utf-8")
-    train, _ = triplets.generate()
+    train, _ = triplets.generate(n_train=900)
     variable = RUNS / "triplets.jsonl"
     variable.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in train), "utf-8")
     return {"fixed": fixed, "variable": variable}
@@ -241,13 +238,18 @@ def main() -> int:
         ids_file.write_text(json.dumps(rows))
         mean_len = sum(len(r["input_ids"]) for r in rows) / len(rows)
         print(f"== {scenario}: {len(rows)} rows, mean {mean_len:.1f} tokens (max {SEQ})", flush=True)
-        for name, kind, extra in (("A", "hf", {"bf16": False}), ("B", "hf", {"bf16": True}),
-                                  ("C", "glmtune", {"data": str(path)})):
+        runs = [("A", "hf", {"bf16": False}), ("B", "hf", {"bf16": True}),
+                ("C", "glmtune", {"data": str(path)})]
+        if os.environ.get("BENCH_COMPILE") == "1" and scenario == "fixed":
+            runs.append(("C+compile", "glmtune", {"data": str(path), "compile": True}))
+        for name, kind, extra in runs:
             spec = dict(model=str(model_dir), steps=steps, out=str(RUNS / f"{scenario}-{name}"),
                         rows=str(ids_file), pad_id=pad_id, **extra)
             results[f"{scenario}-{name}"] = r = run_child(kind, spec)
             print(f"   {name}: {r['tok_s']:.0f} tok/s, {r['eff_tok_s']:.0f} effective, "
                   f"RSS {r['rss_gb']:.2f} GB, steps {r['step_s']}", flush=True)
+            if name == "C+compile":
+                print(f"      first step (compiling) {r['first_step_s']} s", flush=True)
             if "plan" in r:
                 print("      plan: " + r["plan"].replace("\n", "\n      "), flush=True)
 
@@ -279,6 +281,8 @@ def main() -> int:
         **{f"eff_tok_s_{k}": v(k)["eff_tok_s"] for k in "ABC"},
         "eff_ratio_C_A": round(v("C")["eff_tok_s"] / v("A")["eff_tok_s"], 3),
         "eff_ratio_C_B": round(v("C")["eff_tok_s"] / v("B")["eff_tok_s"], 3),
+        **({"tok_s_C_compile": f("C+compile")["tok_s"],
+            "compile_first_step_s": f("C+compile")["first_step_s"]} if "fixed-C+compile" in results else {}),
         "seconds": round(time.perf_counter() - started, 1),
     }
     print("RESULT " + json.dumps(result))

@@ -237,6 +237,8 @@ def cmd_make_vars(args) -> int:
 
 # ------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from glmtune.data import triplets  # plain Python: keeps --help fast
+
     parser = argparse.ArgumentParser(
         prog="glmtune", description="LoRA / QLoRA fine-tuning for ChatGLM-family models.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -288,8 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
         dest="data_command", required=True, metavar="DATA_COMMAND")
     p = data.add_parser("triplets", help="write the synthetic triplet-extraction data set")
     p.add_argument("--out", default="data", help="output directory (default: data)")
-    p.add_argument("--train", type=int, default=900, help="training rows (default: 900)")
-    p.add_argument("--val", type=int, default=100, help="validation rows (default: 100)")
+    p.add_argument("--train", type=int, default=triplets.DEFAULT_TRAIN_ROWS,
+                   help="training rows (default: %(default)s)")
+    p.add_argument("--val", type=int, default=triplets.DEFAULT_VAL_ROWS,
+                   help="validation rows (default: %(default)s)")
     p.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
     p.set_defaults(func=cmd_data_triplets)
 

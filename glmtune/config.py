@@ -76,6 +76,10 @@ class TrainConfig:
     max_grad_norm: float = _opt("gradient clipping norm (0 disables)", default=1.0)
     max_seq_len: int = _opt("longer rows are truncated (and counted in the log)",
                             make="MAX_SEQ_LEN", default=256)
+    group_by_length: bool = _opt("batch rows of similar length together (shuffled in groups of "
+                                 "steps): less padding, faster on mixed lengths, but less varied "
+                                 "batches (off by default: it cost the triplet job F1)",
+                                 make="GROUP_BY_LENGTH", default=False)
     seed: int = _opt("seed for initialisation, data order and dropout", make="SEED", default=42)
 
     # --- LoRA --------------------------------------------------------------
@@ -87,6 +91,9 @@ class TrainConfig:
     train_embeddings: str = _opt("also train token embeddings and LM head: auto (only for the "
                                  "randomly initialised tiny-glm), true or false",
                                  choices=TRI_STATE, default="auto")
+    neftune_alpha: float = _opt("NEFTune: uniform noise of this scale on the input embeddings "
+                                "while training (0 = off; 5 is the paper's usual value)",
+                                make="NEFTUNE_ALPHA", default=0.0)
 
     # --- hardware ----------------------------------------------------------
     preset: str = _opt("settings for a kind of machine: none, auto (picked from the detected "
@@ -112,6 +119,12 @@ class TrainConfig:
                                         make="GRADIENT_CHECKPOINTING", default=False)
     threads: int | None = _opt("CPU threads for torch/OMP/MKL (default: physical cores)",
                                make="NUM_THREADS")
+    fused: bool = _opt("fast path: fused LoRA, RMSNorm and head + loss kernels where the model "
+                       "allows (--no-fused runs PEFT's reference layers and full logits)",
+                       make="FUSED", default=True)
+    compile: bool = _opt("torch.compile the training forward/backward (opt-in: the first steps "
+                         "compile for a minute or more; needs a C++ compiler on CPU)",
+                         make="COMPILE", default=False)
 
     # --- logging and evaluation --------------------------------------------
     logging_steps: int = _opt("log loss / lr / speed every N optimizer steps", default=10)
@@ -149,6 +162,8 @@ class TrainConfig:
             found.append(f"epochs: must be > 0, got {self.epochs}")
         if not self.lr > 0:
             found.append(f"lr: must be > 0, got {self.lr}")
+        if self.neftune_alpha < 0:
+            found.append(f"neftune_alpha: must be >= 0, got {self.neftune_alpha}")
         if not 0 <= self.lora_dropout < 1:
             found.append(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         if not 0 <= self.oom_guard <= 1:

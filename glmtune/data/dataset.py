@@ -79,6 +79,33 @@ def load_train_val(train_path: str, val_path: str | None, tokenizer, template: s
 
 
 PAD_MULTIPLE = 8
+GROUP_WINDOW_STEPS = 16  # length grouping sorts this many optimizer steps' rows at a time
+
+
+def epoch_order(lengths: list[int], *, seed: int, epoch: int, step_rows: int,
+                group_by_length: bool) -> list[int]:
+    """Row indices in the order epoch ``epoch`` trains them (seeded by seed + epoch).
+
+    With ``group_by_length`` each window of GROUP_WINDOW_STEPS optimizer steps
+    (``step_rows`` rows each) is sorted by length and cut into steps, and the
+    steps are shuffled: rows batched together have similar lengths, so little of
+    a batch is padding. Steps, not micro-batches, are the unit, so a resume with
+    a smaller micro-batch (same effective batch) still sees the same rows.
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if not group_by_length:
+        return order
+    window = step_rows * GROUP_WINDOW_STEPS
+    steps = []
+    for start in range(0, len(order), window):
+        by_length = sorted(order[start:start + window], key=lambda i: -lengths[i])
+        steps += [by_length[i:i + step_rows] for i in range(0, len(by_length), step_rows)]
+    ragged = steps.pop() if steps and len(steps[-1]) < step_rows else []  # stays last: keeps alignment
+    shuffled = torch.randperm(len(steps), generator=generator).tolist()
+    return [i for s in shuffled for i in steps[s]] + ragged
 
 
 def collate(rows: list[Encoded], pad_id: int):

@@ -486,7 +486,14 @@ def _unique(rng, world, make, n, seen: set[str]) -> list[tuple[str, list]]:
     return out
 
 
-def generate(n_train: int = 900, n_val: int = 100, seed: int = 42) -> tuple[list[dict], list[dict]]:
+# 4,000 training rows, not the 900 we started with: on 900 rows tiny-glm memorises
+# (training loss 0.003, validation loss stuck at 0.24, F1 0.66), on 4,000 it must
+# learn to copy from the sentence (validation loss 0.06, F1 0.85) in the same steps.
+DEFAULT_TRAIN_ROWS = 4000
+DEFAULT_VAL_ROWS = 100
+
+
+def generate(n_train: int = DEFAULT_TRAIN_ROWS, n_val: int = DEFAULT_VAL_ROWS, seed: int = 42) -> tuple[list[dict], list[dict]]:
     """Rows are {"prompt": INSTRUCTION.format(text=sentence), "response": "(主体, 关系, 客体)\\n(…)" or "无"}."""
     for name, value in (("n_train", n_train), ("n_val", n_val)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -529,7 +536,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
         raise
 
 
-def write(out_dir, n_train: int = 900, n_val: int = 100, seed: int = 42) -> tuple[Path, Path]:
+def write(out_dir, n_train: int = DEFAULT_TRAIN_ROWS, n_val: int = DEFAULT_VAL_ROWS, seed: int = 42) -> tuple[Path, Path]:
     """Write out_dir/train_triplet.jsonl and out_dir/val_triplet.jsonl; return both paths.
 
     Each file is written to a temporary sibling and moved into place, so an

@@ -62,7 +62,7 @@ def _training_text() -> list[str]:
 
     corpus = resources.files("glmtune.model").joinpath("assets/corpus.txt").read_text("utf-8")
     lines = [line for line in corpus.splitlines() if line.strip()]
-    train, val = triplets.generate(seed=SPEC["seed"])
+    train, val = triplets.generate(n_train=900, n_val=100, seed=SPEC["seed"])  # fixed: same tokenizer
     lines += [row["prompt"] + "\n" + row["response"] for row in train + val]
     return lines
 

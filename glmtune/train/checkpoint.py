@@ -39,7 +39,8 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 # values would be recorded but not used.
 SEMANTIC_FIELDS = ("model", "data", "max_samples", "max_seq_len", "template", "lora_r",
                    "lora_alpha", "lora_dropout", "target_modules", "train_embeddings",
-                   "effective_batch", "seed", "quant", "lr", "weight_decay", "warmup_ratio")
+                   "effective_batch", "seed", "quant", "lr", "weight_decay", "warmup_ratio",
+                   "group_by_length", "neftune_alpha")
 
 
 @dataclass

@@ -26,7 +26,7 @@ from glmtune import hardware
 from glmtune.config import TrainConfig, save_yaml
 from glmtune.data import dataset
 from glmtune.errors import GlmtuneError
-from glmtune.model import load, lora, tiny_glm
+from glmtune.model import fused, load, lora, tiny_glm
 from glmtune.model.family import Family, detect_family, template_override
 from glmtune.plan import Plan, plan_for_model, smaller_batch
 from glmtune.train import artifacts, checkpoint, distributed, faults
@@ -58,6 +58,7 @@ class FineTuner:
         self.family: Family | None = None
         self.tokenizer = None
         self.model = None
+        self.fused_head = None  # the LM head when it is fused with the loss
         self.train_embeddings = False
         self.dist = distributed.Dist()
         self.train_set: dataset.TokenizedSet | None = None
@@ -89,6 +90,11 @@ class FineTuner:
             train_embeddings=self.train_embeddings)
         if not quantized:  # bitsandbytes placed a quantized model already
             self.model.to(torch.device(plan.device))
+        if cfg.neftune_alpha:
+            _add_embedding_noise(self.model, cfg.neftune_alpha)
+        if cfg.fused:
+            self.fused_head, parts = fused.install(self.model)
+            log.info("fast path: fused %s", ", ".join(parts) or "nothing (reference layers for this model)")
 
     def _ensure_tokenizer(self) -> None:
         """Locate the model, plan the run and load the tokenizer: cheap, and all data needs."""
@@ -204,6 +210,9 @@ class _Fit:
         # forward/backward go through DDP when distributed; evaluation and saving
         # use the plain PEFT model (identical on every rank)
         self.train_model = distributed.wrap(self.model, self.dist, self.device)
+        if self.cfg.compile:
+            # dynamic: batches are padded to multiples of 8, not to one length
+            self.train_model = torch.compile(self.train_model, dynamic=True)
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16,
                              enabled=tuner.plan.bf16)
         self.pad_id = self.tokenizer.pad_token_id
@@ -242,10 +251,15 @@ class _Fit:
         plan = self.tuner.plan
         guard = int(plan.budget_bytes * cfg.oom_guard) if plan.budget_bytes and cfg.oom_guard else None
         memory_csv = self.out / "memory.csv" if self.dist.is_main else None
+        first_step = self.state.step + 1
         with _StopOnSignal(self.tuner), MemoryMonitor(memory_csv, guard) as memory:
             self.memory = memory
             for step in range(self.state.step + 1, self.total_steps + 1):
+                step_started = time.perf_counter()
                 loss_sum, tokens, rows = self._optimizer_step(batches, params)
+                if cfg.compile and step <= first_step + 1:  # what compiling cost, vs a compiled step
+                    log.info("step %d took %.1f s%s", step, time.perf_counter() - step_started,
+                             " (torch.compile compiling)" if step == first_step else "")
                 self.scheduler.step()
                 st = self.state
                 st.step, st.rows_seen = step, st.rows_seen + rows
@@ -321,6 +335,7 @@ class _Fit:
         record = {"step": st.step, "epoch": round(st.step / self.steps_per_epoch, 3),
                   "loss": round(loss, 5), "lr": self.scheduler.get_last_lr()[0],
                   # every non-padding token the model processed, prompt included
+                  "tokens": st.window_input_tokens,
                   "tokens_per_s": round(st.window_input_tokens / max(elapsed, 1e-9), 1),
                   "rss_gb": round(_rss_gb(), 3)}
         self.metrics.write(record)
@@ -344,15 +359,15 @@ class _Fit:
         Epoch e is shuffled with seed + e, so the order is reproducible, and a
         resumed run (even with another micro-batch size) sees the same rows.
         """
-        import torch
-
         rows = self.tuner.train_set.rows
         size, rank = self.cfg.batch_size * self.dist.world, self.dist.rank
         epoch, offset = divmod(rows_seen, len(rows))
         while True:
-            order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+            order = dataset.epoch_order([len(r.input_ids) for r in rows], seed=self.cfg.seed,
+                                        epoch=epoch, step_rows=self.global_batch * self.cfg.grad_accum,
+                                        group_by_length=self.cfg.group_by_length)
             for start in range(offset, len(rows), size):
-                global_chunk = order[start:start + size].tolist()
+                global_chunk = order[start:start + size]
                 # this rank's contiguous slice; at an epoch's ragged end a rank may get
                 # none: it then runs one fully masked row, which trains nothing but keeps
                 # it in step with the others' gradient all-reduce
@@ -417,17 +432,22 @@ class _Fit:
 
     def _loss_sum(self, batch):
         """Summed cross-entropy over trained tokens (fp32), so micro-batches weigh by tokens."""
+        import contextlib
+
         import torch
 
         batch = {k: v.to(self.device) for k, v in batch.items()}
         model = self.train_model if torch.is_grad_enabled() else self.model
-        with torch.autocast(**self.autocast):
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
-        return torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-            ignore_index=dataset.IGNORE_INDEX, reduction="sum")
+        head = self.tuner.fused_head
+        with torch.autocast(**self.autocast):
+            with fused.head_bypassed(head) if head is not None else contextlib.nullcontext():
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            if head is not None:  # ``out`` holds hidden states: head and loss in one kernel
+                return fused.linear_cross_entropy(out[:, :-1], head.weight, labels, dataset.IGNORE_INDEX)
+        keep = labels != dataset.IGNORE_INDEX  # prompt positions never reach the fp32 copy
+        return torch.nn.functional.cross_entropy(out[:, :-1][keep].float(), labels[keep],
+                                                 reduction="sum")
 
     def _evaluate(self, step: int) -> float:
         import torch
@@ -502,6 +522,23 @@ def _resume_command(extra: str = "") -> str:
         argv = sys.argv[1:] + ([] if "--resume" in sys.argv else ["--resume", "auto"])
         return shlex.join([*launcher[Path(sys.argv[0]).name], *argv]) + (f" {extra}" if extra else "")
     return "the same call with resume='auto' (e.g. TrainConfig(..., resume='auto'))"
+
+
+def _add_embedding_noise(model, alpha: float) -> None:
+    """NEFTune (Jain et al., 2023): noise on the input embeddings in training mode only.
+
+    Uniform in +-alpha / sqrt(sequence length x hidden size); it works against
+    memorising the training rows, which small data sets invite.
+    """
+    def add_noise(module, inputs, output):
+        if not module.training:
+            return output
+        scale = alpha / math.sqrt(output.shape[-2] * output.shape[-1])
+        return output + torch.empty_like(output).uniform_(-scale, scale)
+
+    import torch
+
+    model.get_input_embeddings().register_forward_hook(add_noise)
 
 
 def _rss_gb() -> float:

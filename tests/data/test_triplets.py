@@ -28,7 +28,7 @@ def test_same_seed_same_rows_different_seed_different_rows(default_rows):
 
 def test_counts_and_keys(default_rows):
     train, val = default_rows
-    assert (len(train), len(val)) == (900, 100)
+    assert (len(train), len(val)) == (gen.DEFAULT_TRAIN_ROWS, gen.DEFAULT_VAL_ROWS) == (4000, 100)
     small_train, small_val = gen.generate(n_train=30, n_val=5, seed=3)
     assert (len(small_train), len(small_val)) == (30, 5)
     assert gen.generate(n_train=10, n_val=0)[1] == []
