@@ -64,7 +64,7 @@ class TrainConfig:
 
     # --- schedule ----------------------------------------------------------
     epochs: float = _opt("passes over the training data (fractions allowed)",
-                         make="NUM_EPOCHS", default=15.0)
+                         make="NUM_EPOCHS", default=4.0)
     max_steps: int | None = _opt("stop after this many optimizer steps (overrides --epochs)",
                                  make="MAX_STEPS")
     batch_size: int = _opt("rows per micro-batch", make="BATCH_SIZE", default=16)
@@ -122,6 +122,10 @@ class TrainConfig:
     fused: bool = _opt("fast path: fused LoRA, RMSNorm and head + loss kernels where the model "
                        "allows (--no-fused runs PEFT's reference layers and full logits)",
                        make="FUSED", default=True)
+    strategy: str = _opt("how several processes share the work: auto (DDP, or what an "
+                         "`accelerate launch --config_file` asked for), ddp, fsdp (PyTorch FSDP2), "
+                         "zero2 or zero3 (DeepSpeed ZeRO)", make="STRATEGY",
+                         choices=("auto", "ddp", "fsdp", "zero2", "zero3"), default="auto")
     compile: bool = _opt("torch.compile the training forward/backward (opt-in: the first steps "
                          "compile for a minute or more; needs a C++ compiler on CPU)",
                          make="COMPILE", default=False)
@@ -164,6 +168,9 @@ class TrainConfig:
             found.append(f"lr: must be > 0, got {self.lr}")
         if self.neftune_alpha < 0:
             found.append(f"neftune_alpha: must be >= 0, got {self.neftune_alpha}")
+        from glmtune.train.distributed import strategy_problems
+
+        found += strategy_problems(self.strategy, self.quant)
         if not 0 <= self.lora_dropout < 1:
             found.append(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
         if not 0 <= self.oom_guard <= 1:

@@ -6,6 +6,7 @@ import pytest
 
 from glmtune import config as cfg
 from glmtune.cli import build_parser, config_from_args
+from glmtune.config import TrainConfig
 from glmtune.errors import ConfigError, GlmtuneError
 
 
@@ -112,3 +113,24 @@ def test_yaml_booleans_work_for_auto_true_false_options(tmp_path):
     yaml_file.write_text("bf16: false\ntrain_embeddings: true\n")
     config = parse(["--config", str(yaml_file)])
     assert (config.bf16, config.train_embeddings) == ("false", "true")
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_eight_bit_weights_with_a_sharding_strategy_are_refused(strategy):
+    problems = TrainConfig(quant="8bit", strategy=strategy).problems()
+    assert any(p.startswith(f"strategy: {strategy} shards the weights") and "--quant 4bit" in p
+               for p in problems)
+    assert not any("shards" in p for p in TrainConfig(quant="8bit", strategy="zero2").problems())
+
+
+def test_strategy_auto_follows_the_accelerate_launch_environment(monkeypatch):
+    from glmtune.train.distributed import resolve_strategy
+
+    for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
+        monkeypatch.delenv(var, raising=False)
+    assert resolve_strategy("auto") == "ddp"
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert resolve_strategy("auto") == "zero2"
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    assert resolve_strategy("auto") == "zero3"
+    assert resolve_strategy("fsdp") == "fsdp"  # an explicit choice wins

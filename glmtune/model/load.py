@@ -93,8 +93,12 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool):
     return tokenizer
 
 
-def quantization_config(quant: str, compute_bf16: bool):
-    """bitsandbytes settings for ``--quant``: nf4 with double quantization, or int8."""
+def quantization_config(quant: str, compute_bf16: bool, shardable: bool = False):
+    """bitsandbytes settings for ``--quant``: nf4 with double quantization, or int8.
+
+    ``shardable``: store the packed 4-bit weights as bf16 so FSDP / ZeRO-3 can
+    shard them (they only shard floating-point tensors).
+    """
     if quant == "none":
         return None
     import torch
@@ -109,7 +113,8 @@ def quantization_config(quant: str, compute_bf16: bool):
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16 if compute_bf16 else torch.float32)
+        bnb_4bit_compute_dtype=torch.bfloat16 if compute_bf16 else torch.float32,
+        **({"bnb_4bit_quant_storage": torch.bfloat16} if shardable else {}))
 
 
 def keep_nf4_trainable_on_cpu(model) -> int:

@@ -12,6 +12,7 @@ Everything is loaded back with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -69,29 +70,67 @@ def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+ENGINE_DIR = "engine"  # sharded optimizer state (FSDP / DeepSpeed), one part per rank
+
+
+def shared_staging(out: Path, step: int) -> Path:
+    """The staging directory every rank of a sharded run writes its part into.
+
+    Named like any temporary (so a crash leaves nothing resume would pick); rank 0
+    creates it after clearing older temporaries, then ``save(staged=...)`` completes it.
+    """
+    return out / f".checkpoint-{step}.tmp-shared"
+
+
+def prepare_shared_staging(out: Path, step: int) -> Path:
+    _remove_stale_temporaries(out)
+    path = shared_staging(out, step)
+    path.mkdir(parents=True)
+    return path
+
+
 def save(out: Path, state: TrainerState, model, optimizer, scheduler, *,
-         keep: int | None, protect: set[int] = frozenset()) -> Path:
+         keep: int | None, protect: set[int] = frozenset(), staged: Path | None = None,
+         weights: dict | None = None) -> Path:
+    """Write checkpoint-N atomically (rank 0).
+
+    A sharded run passes the shared ``staged`` directory its ranks already wrote
+    their optimizer parts into, ``optimizer=None``, and the gathered ``weights``.
+    """
     import torch
 
     from glmtune.train.artifacts import staging_dir
 
     target = out / f"checkpoint-{state.step}"
-    _remove_stale_temporaries(out)
-    with staging_dir(target) as staged:
-        model.save_pretrained(staged)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": _rng_state()}, staged / TENSORS_FILE)
+    if staged is None:
+        _remove_stale_temporaries(out)
+    with (_adopted(staged) if staged else staging_dir(target)) as staged:
+        model.save_pretrained(staged, **({} if weights is None else {"state_dict": weights}))
+        tensors = {"scheduler": scheduler.state_dict(), "rng": _rng_state()}
+        if optimizer is not None:
+            tensors["optimizer"] = optimizer.state_dict()
+        torch.save(tensors, staged / TENSORS_FILE)
         faults.point("checkpoint-save", state.step)
         # written last: list_checkpoints() only counts directories that have it
         (staged / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1), "utf-8")
         for child in staged.iterdir():
-            with open(child, "rb") as fh:
-                os.fsync(fh.fileno())
+            if child.is_file():
+                with open(child, "rb") as fh:
+                    os.fsync(fh.fileno())
         if target.exists():  # an earlier run's checkpoint of the same step (--overwrite)
             shutil.rmtree(target)
         os.rename(staged, target)
     _prune(out, keep, protect | {state.step})
     return target
+
+
+@contextlib.contextmanager
+def _adopted(path: Path):
+    """Like ``staging_dir`` for a directory made beforehand: removed unless renamed away."""
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _damaged(path: Path, exc: BaseException) -> GlmtuneError:
@@ -108,7 +147,11 @@ def saved_config(path: Path) -> dict[str, Any]:
 
 
 def load(path: Path, model, optimizer, scheduler) -> TrainerState:
-    """Restore a checkpoint into an already-built model / optimizer / scheduler."""
+    """Restore a checkpoint into an already-built model / optimizer / scheduler.
+
+    ``optimizer=None`` (a sharded run): the adapter and optimizer come back through
+    the engine's own state in ``ENGINE_DIR``; this restores the rest.
+    """
     import torch
     from peft import set_peft_model_state_dict
     from safetensors import SafetensorError
@@ -120,9 +163,10 @@ def load(path: Path, model, optimizer, scheduler) -> TrainerState:
         weights = load_file(path / "adapter_model.safetensors")
     except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as exc:
         raise _damaged(path, exc) from exc
-    set_peft_model_state_dict(model, {k: v.to(next(model.parameters()).device)
-                                      for k, v in weights.items()})
-    optimizer.load_state_dict(tensors["optimizer"])
+    if optimizer is not None:
+        set_peft_model_state_dict(model, {k: v.to(next(model.parameters()).device)
+                                          for k, v in weights.items()})
+        optimizer.load_state_dict(tensors["optimizer"])
     scheduler.load_state_dict(tensors["scheduler"])
     _set_rng_state(tensors["rng"])
     return state

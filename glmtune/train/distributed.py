@@ -1,4 +1,4 @@
-"""Data-parallel training under torchrun / accelerate launch, through torch's own DDP.
+"""Data-parallel training under torchrun / accelerate launch: DDP, FSDP2, DeepSpeed ZeRO.
 
 Both launchers set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous
 variables; we read them, start the process group (gloo on CPU, nccl on CUDA)
@@ -12,6 +12,13 @@ recipe stays the same, with three rules:
   ranks, so the gradient equals that one-process run's;
 - only rank 0 writes logs, metrics, checkpoints and the adapter; any rank's
   stop request (signal, memory guard) stops all ranks at the same step.
+
+Big models shard instead of replicating, through the engines that exist for it:
+PyTorch FSDP2 (``fully_shard`` per decoder layer) or DeepSpeed ZeRO-2 / ZeRO-3
+(``deepspeed.initialize`` with a config built from glmtune's own batch,
+accumulation and clipping options). Both average gradients over ranks as DDP
+does, so the loss normalisation above holds unchanged; sharded tensors are
+gathered to rank 0 to save the adapter.
 """
 
 from __future__ import annotations
@@ -112,3 +119,143 @@ def shutdown(info: Dist) -> None:
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------- sharding
+SHARDED = ("fsdp", "zero2", "zero3")
+
+
+def resolve_strategy(requested: str) -> str:
+    """``auto``: what `accelerate launch --config_file X.yaml` asked for, else DDP."""
+    if requested != "auto":
+        return requested
+    env = os.environ
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "fsdp"
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return "zero3" if env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3" else "zero2"
+    return "ddp"
+
+
+def strategy_problems(strategy: str, quant: str) -> list[str]:
+    """What makes a launch impossible, found before anything is loaded."""
+    found = []
+    if quant == "8bit" and strategy in ("fsdp", "zero3"):
+        found.append(f"strategy: {strategy} shards the weights and 8-bit weights cannot be "
+                     "sharded; use --quant 4bit (stored as bf16 for sharding) or --strategy "
+                     "zero2 / ddp")
+    if strategy in ("zero2", "zero3"):
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            found.append(f"strategy: {strategy} needs DeepSpeed, which is not installed "
+                         "(pip install deepspeed)")
+    return found
+
+
+def shard(model, strategy: str, info: Dist, device):
+    """The module to train through, set up before the optimizer exists (FSDP replaces parameters)."""
+    if strategy == "ddp":
+        return wrap(model, info, device)
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        layer_classes = set(getattr(model.get_base_model(), "_no_split_modules", None) or ())
+        for module in model.modules():  # one FSDP unit per decoder layer, then the rest
+            if type(module).__name__ in layer_classes:
+                fully_shard(module)
+        fully_shard(model)
+    return model
+
+
+def deepspeed_engine(model, optimizer, strategy: str, cfg, info: Dist):
+    """DeepSpeed around the model and glmtune's optimizer; ZeRO stage from ``strategy``."""
+    import deepspeed
+
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.batch_size * cfg.grad_accum * info.world,
+        "gradient_clipping": cfg.max_grad_norm,  # 0 = off, as in glmtune
+        "zero_optimization": {"stage": 3 if strategy == "zero3" else 2},
+        "steps_per_print": 2**31 - 1,  # glmtune logs
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
+def no_sync(train_model, strategy: str):
+    """Accumulate this micro-batch's gradients locally (DeepSpeed does that by itself)."""
+    import contextlib
+
+    if strategy == "ddp":
+        return train_model.no_sync()
+    if strategy == "fsdp":
+        return _fsdp_no_sync(train_model)
+    return contextlib.nullcontext()
+
+
+class _fsdp_no_sync:
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        self.model.set_requires_gradient_sync(False)
+
+    def __exit__(self, *exc):
+        self.model.set_requires_gradient_sync(True)
+        return False
+
+
+def gather_trainable(model, strategy: str) -> dict | None:
+    """The full trainable tensors on rank 0 (a collective: every rank calls it).
+
+    None where each rank already holds them whole (DDP, ZeRO-2).
+    """
+    if strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+    if strategy == "zero3":
+        import deepspeed
+
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+            return {n: p.detach().to("cpu", copy=True) for n, p in named}
+    return None
+
+
+def save_engine_state(path, model, optimizer, engine, strategy: str) -> None:
+    """Sharded optimizer (and trainable weight) state, every rank its own part (a collective)."""
+    if strategy == "fsdp":
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        options = StateDictOptions(ignore_frozen_params=True)
+        dcp.save({"model": get_model_state_dict(model, options=options),
+                  "optim": get_optimizer_state_dict(model, optimizer, options=options)},
+                 checkpoint_id=str(path))
+    else:
+        engine.save_checkpoint(str(path), tag="engine", save_latest=False,
+                               exclude_frozen_parameters=True)
+
+
+def load_engine_state(path, model, optimizer, engine, strategy: str) -> None:
+    if strategy == "fsdp":
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict,
+                                                             set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        options = StateDictOptions(ignore_frozen_params=True)
+        state = {"model": get_model_state_dict(model, options=options),
+                 "optim": get_optimizer_state_dict(model, optimizer, options=options)}
+        dcp.load(state, checkpoint_id=str(path))
+        set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+        set_optimizer_state_dict(model, optimizer, state["optim"], options=options)
+    else:
+        engine.load_checkpoint(str(path), tag="engine", load_module_strict=False,
+                               load_optimizer_states=True, load_lr_scheduler_states=False)

@@ -61,6 +61,7 @@ class FineTuner:
         self.fused_head = None  # the LM head when it is fused with the loss
         self.train_embeddings = False
         self.dist = distributed.Dist()
+        self.strategy = "ddp"  # or fsdp / zero2 / zero3 (distributed.resolve_strategy)
         self.train_set: dataset.TokenizedSet | None = None
         self.val_set: dataset.TokenizedSet | None = None
 
@@ -74,7 +75,8 @@ class FineTuner:
         quantized = plan.quant != "none"
         model = load.load_model(
             self.source, trust_remote_code=cfg.trust_remote_code, dtype=plan.torch_dtype,
-            quantization_config=load.quantization_config(plan.quant, plan.bf16),
+            quantization_config=load.quantization_config(
+                plan.quant, plan.bf16, shardable=self.strategy in ("fsdp", "zero3")),
             device_map={"": plan.device} if quantized else None)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -92,7 +94,11 @@ class FineTuner:
             self.model.to(torch.device(plan.device))
         if cfg.neftune_alpha:
             _add_embedding_noise(self.model, cfg.neftune_alpha)
-        if cfg.fused:
+        if cfg.fused and self.strategy == "zero3":
+            # ZeRO-3 gathers each weight in its module's forward hook; the kernels read
+            # weights across modules, so they would see empty shards
+            log.info("fast path off under DeepSpeed ZeRO-3 (reference layers)")
+        elif cfg.fused:
             self.fused_head, parts = fused.install(self.model)
             log.info("fast path: fused %s", ", ".join(parts) or "nothing (reference layers for this model)")
 
@@ -105,6 +111,11 @@ class FineTuner:
         load.check_remote_code(self.source, cfg.trust_remote_code)
         hw = hardware.detect()
         self.dist = distributed.init(hw.device)
+        self.strategy = distributed.resolve_strategy(cfg.strategy) if self.dist.enabled or \
+            cfg.strategy != "auto" else "ddp"
+        problems = distributed.strategy_problems(self.strategy, cfg.quant)
+        if problems:
+            raise GlmtuneError("; ".join(problems))
         if not self.dist.is_main:  # one copy of the logs is enough
             logging.getLogger("glmtune").setLevel(logging.WARNING)
         log.info("hardware:\n  %s", hardware.describe(hw).replace("\n", "\n  "))
@@ -209,10 +220,8 @@ class _Fit:
         self.device = torch.device(tuner.plan.device)
         # forward/backward go through DDP when distributed; evaluation and saving
         # use the plain PEFT model (identical on every rank)
-        self.train_model = distributed.wrap(self.model, self.dist, self.device)
-        if self.cfg.compile:
-            # dynamic: batches are padded to multiples of 8, not to one length
-            self.train_model = torch.compile(self.train_model, dynamic=True)
+        self.strategy = tuner.strategy
+        self.engine = None  # DeepSpeed's, when it runs the steps
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16,
                              enabled=tuner.plan.bf16)
         self.pad_id = self.tokenizer.pad_token_id
@@ -233,16 +242,23 @@ class _Fit:
 
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
+        self.train_model = distributed.shard(self.model, self.strategy, self.dist, self.device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        if self.strategy in ("zero2", "zero3"):
+            self.train_model = self.engine = distributed.deepspeed_engine(
+                self.model, self.optimizer, self.strategy, cfg, self.dist)
+        if cfg.compile:
+            # dynamic: batches are padded to multiples of 8, not to one length
+            self.train_model = torch.compile(self.train_model, dynamic=True)
         self._start_or_resume()
         log.info("training: %d rows, %d optimizer steps (%.2f epochs), effective batch %d",
                  len(self.tuner.train_set.rows), self.total_steps,
                  self.total_steps / self.steps_per_epoch, self.global_batch * cfg.grad_accum)
-        if self.dist.enabled:
-            log.info("distributed: %d processes x micro-batch %d x accumulation %d",
-                     self.dist.world, cfg.batch_size, cfg.grad_accum)
+        if self.dist.enabled or self.strategy != "ddp":
+            log.info("distributed (%s): %d processes x micro-batch %d x accumulation %d",
+                     self.strategy, self.dist.world, cfg.batch_size, cfg.grad_accum)
 
         started = time.perf_counter()
         batches = self._batches(self.state.rows_seen)
@@ -287,8 +303,7 @@ class _Fit:
         bar.close()
         seconds = time.perf_counter() - started
         log.info("peak RSS %.2f GB (memory.csv has the timeline)", memory.peak_rss / GB)
-        if self.dist.is_main:
-            self._save()
+        self._save()
         self.dist.barrier()
         losses = self.state.eval_losses
         if len(losses) > 1:
@@ -320,7 +335,12 @@ class _Fit:
             raise GlmtuneError(f"{resume_from}: cannot resume, these settings differ from the "
                                "checkpoint's (pass --resume-override to resume anyway):\n  - "
                                + "\n  - ".join(differences))
-        self.state = checkpoint.load(resume_from, self.model, self.optimizer, self.scheduler)
+        sharded = self.strategy in distributed.SHARDED
+        self.state = checkpoint.load(resume_from, self.model, None if sharded else self.optimizer,
+                                     self.scheduler)
+        if sharded:
+            distributed.load_engine_state(resume_from / checkpoint.ENGINE_DIR, self.model,
+                                          self.optimizer, self.engine, self.strategy)
         self.state.config = self._config_record()
         self.metrics.truncate_after(self.state.step)
         log.info("resumed from %s at step %d", resume_from, self.state.step)
@@ -418,15 +438,20 @@ class _Fit:
         loss_sum = 0.0
         for index, batch in enumerate(micro):
             last = index == len(micro) - 1
-            sync = contextlib.nullcontext() if last or not self.dist.enabled else self.train_model.no_sync()
-            with sync:
+            local = not last and self.dist.enabled
+            with distributed.no_sync(self.train_model, self.strategy) if local else contextlib.nullcontext():
                 part = self._loss_sum(batch)
-                (part * scale).backward()
+                if self.engine:  # DeepSpeed reduces, clips and steps at the accumulation boundary
+                    self.engine.backward(part * scale, scale_wrt_gas=False)
+                    self.engine.step()
+                else:
+                    (part * scale).backward()
             loss_sum += part.item()
-        if self.cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if not self.engine:
+            if self.cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         loss_sum = self.dist.sum(loss_sum)[0]
         return loss_sum, int(tokens), rows
 
@@ -471,10 +496,21 @@ class _Fit:
         return value
 
     def _checkpoint(self) -> None:
+        protect = {self.state.best_step} if self.cfg.save_best and self.state.best_step else set()
+        saving = dict(keep=self.cfg.save_total_limit, protect=protect)
+        if self.strategy in distributed.SHARDED:  # every rank writes its part first
+            weights = distributed.gather_trainable(self.model, self.strategy)
+            if self.dist.is_main:
+                checkpoint.prepare_shared_staging(self.out, self.state.step)
+            self.dist.barrier()
+            staged = checkpoint.shared_staging(self.out, self.state.step)
+            distributed.save_engine_state(staged / checkpoint.ENGINE_DIR, self.model, self.optimizer,
+                                          self.engine, self.strategy)
+            self.dist.barrier()
+            saving.update(staged=staged, weights=weights)
         if self.dist.is_main:
-            protect = {self.state.best_step} if self.cfg.save_best and self.state.best_step else set()
-            path = checkpoint.save(self.out, self.state, self.model, self.optimizer, self.scheduler,
-                                   keep=self.cfg.save_total_limit, protect=protect)
+            optimizer = None if "staged" in saving else self.optimizer
+            path = checkpoint.save(self.out, self.state, self.model, optimizer, self.scheduler, **saving)
             log.info("checkpoint saved: %s", path)
         self.dist.barrier()
 
@@ -487,9 +523,12 @@ class _Fit:
                            resume_command=command)
 
     def _save(self) -> None:
-        """Adapter + tokenizer + resolved config, staged then published atomically."""
+        """Adapter + tokenizer + resolved config, staged then published atomically (rank 0)."""
+        weights = distributed.gather_trainable(self.model, self.strategy)  # every rank takes part
+        if not self.dist.is_main:
+            return
         with artifacts.staging_dir(self.out) as staged:
-            self.model.save_pretrained(staged)
+            self.model.save_pretrained(staged, **({} if weights is None else {"state_dict": weights}))
             self.tokenizer.save_pretrained(staged)
             # the resolved template, so predict/eval format prompts exactly as training did
             save_yaml(replace(self.cfg, template=self.tuner.family.template),
