@@ -64,7 +64,7 @@ class TrainConfig:
 
     # --- schedule ----------------------------------------------------------
     epochs: float = _opt("passes over the training data (fractions allowed)",
-                         make="NUM_EPOCHS", default=4.0)
+                         make="NUM_EPOCHS", default=5.0)
     max_steps: int | None = _opt("stop after this many optimizer steps (overrides --epochs)",
                                  make="MAX_STEPS")
     batch_size: int = _opt("rows per micro-batch", make="BATCH_SIZE", default=16)

@@ -106,6 +106,22 @@ def test_train_with_config(tiny_model, triplet_dir, tmp_path):
     assert {k: saved[k] for k in preset} == preset  # ...which fills in the rest
 
 
+@pytest.mark.slow
+def test_train_with_config_under_torchrun(tiny_model, triplet_dir, tmp_path):
+    """The QLoRA guide's `torchrun --nproc_per_node=2 train_with_config.py`, unchanged."""
+    out = tmp_path / "adapter"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(EXAMPLES / "train_with_config.py"),
+                           "--config", "fast", "--output_dir", str(out), "--model", str(tiny_model),
+                           "--data", str(triplet_dir / "train_triplet.jsonl"), "--max_steps", "2"],
+                          capture_output=True, text=True, encoding="utf-8", cwd=tmp_path, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert trained(out)
+    assert "distributed (ddp): 2 processes" in proc.stderr + proc.stdout
+
+
 @pytest.mark.slow  # the same training run as above, reached through the menu
 def test_menu_runs_the_chosen_example(tiny_model, triplet_dir, tmp_path):
     out = tmp_path / "adapter"
