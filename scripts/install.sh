@@ -22,10 +22,15 @@ rm -f "${TMPDIR:-/tmp}/glmtune-req.$$"
 # DeepSpeed (--strategy zero2 / zero3; WITH_DEEPSPEED=0 skips it). Its source package
 # imports torch while building: built against the torch above, not an isolated
 # (unpinned, multi-GB) one. No CUDA ops are compiled at install time.
+# Optional: if it cannot be built here, everything else still works and says so.
 if [ "${WITH_DEEPSPEED:-1}" != 0 ]; then
-  "$python" -m pip install --quiet --no-build-isolation --no-deps deepspeed==0.19.8
-  "$python" -m pip install --quiet hjson==3.1.0 msgpack==1.2.4 ninja==1.13.2 py-cpuinfo==9.0.0 \
-    einops==0.8.2 "pydantic>=2,<3"
+  # Python >= 3.12 venvs ship without setuptools, which a build without isolation needs
+  if ! { "$python" -m pip install --quiet setuptools wheel &&
+         "$python" -m pip install --quiet --no-build-isolation --no-deps deepspeed==0.19.8 &&
+         "$python" -m pip install --quiet hjson==3.1.0 msgpack==1.2.4 ninja==1.13.2 \
+           py-cpuinfo==9.0.0 einops==0.8.2 "pydantic>=2,<3"; }; then
+    echo "warning: DeepSpeed was not installed; --strategy zero2 / zero3 will be unavailable" >&2
+  fi
 fi
 if [ "$mode" = "--editable" ]; then
   "$python" -m pip install --quiet --no-deps -e "$here"
