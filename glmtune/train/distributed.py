@@ -80,10 +80,14 @@ def local_processes() -> int:
     return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
 
 
-def init(device_type: str) -> Dist:
-    """Join the process group the launcher prepared (no-op for a single process)."""
+def init(device_type: str, sharded: bool = False) -> Dist:
+    """Join the process group the launcher prepared.
+
+    A single process needs none, unless it shards (FSDP and DeepSpeed always
+    want one): then it makes a group of one on a free local port.
+    """
     info = from_environment()
-    if not info.enabled:
+    if not info.enabled and not sharded:
         return info
     import torch
     import torch.distributed as dist
@@ -91,8 +95,20 @@ def init(device_type: str) -> Dist:
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
     if not dist.is_initialized():
+        if not info.enabled:
+            for var, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())),
+                               ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+                os.environ.setdefault(var, value)
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     return info
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def wrap(model, info: Dist, device):
@@ -113,12 +129,12 @@ def wrap(model, info: Dist, device):
 
 
 def shutdown(info: Dist) -> None:
-    if info.enabled:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
-        if dist.is_initialized():
+    if dist.is_available() and dist.is_initialized():
+        if info.enabled:
             dist.barrier()
-            dist.destroy_process_group()
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------- sharding
@@ -184,15 +200,68 @@ def deepspeed_engine(model, optimizer, strategy: str, cfg, info: Dist):
     return engine
 
 
-def no_sync(train_model, strategy: str):
-    """Accumulate this micro-batch's gradients locally (DeepSpeed does that by itself)."""
-    import contextlib
+class Engine:
+    """How one optimizer step runs across processes, whatever the strategy.
 
-    if strategy == "ddp":
+    The recipe calls ``wrap`` once, then per micro-batch ``accumulating`` and
+    ``backward``, per step ``step``, and ``gather_trainable`` / ``save_state`` /
+    ``load_state`` around checkpoints; the strategy differences live here.
+    """
+
+    def __init__(self, strategy: str, info: Dist, device):
+        self.strategy, self.info, self.device = strategy, info, device
+        self.deepspeed = None  # DeepSpeed's engine, when it runs the steps
+
+    @property
+    def sharded(self) -> bool:
+        return self.strategy in SHARDED
+
+    def wrap(self, model, make_optimizer, cfg):
+        """(module to train through, optimizer): FSDP shards before the optimizer exists
+        (it replaces the parameters), DeepSpeed wraps model and optimizer after."""
+        train_model = shard(model, self.strategy, self.info, self.device)
+        optimizer = make_optimizer()
+        if self.strategy in ("zero2", "zero3"):
+            train_model = self.deepspeed = deepspeed_engine(model, optimizer, self.strategy, cfg,
+                                                            self.info)
+        return train_model, optimizer
+
+    def accumulating(self, train_model, last: bool):
+        """Around one micro-batch: gradients stay local unless it is the step's last.
+        (DeepSpeed counts micro-batches itself.)"""
+        import contextlib
+
+        if last or not self.info.enabled or self.deepspeed:
+            return contextlib.nullcontext()
+        if self.strategy == "fsdp":
+            return _fsdp_no_sync(train_model)
         return train_model.no_sync()
-    if strategy == "fsdp":
-        return _fsdp_no_sync(train_model)
-    return contextlib.nullcontext()
+
+    def backward(self, loss) -> None:
+        if self.deepspeed:  # reduces, clips and steps at the accumulation boundary
+            self.deepspeed.backward(loss, scale_wrt_gas=False)
+            self.deepspeed.step()
+        else:
+            loss.backward()
+
+    def step(self, optimizer, params, max_grad_norm: float) -> None:
+        if self.deepspeed:
+            return
+        import torch
+
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def gather_trainable(self, model) -> dict | None:
+        return gather_trainable(model, self.strategy)
+
+    def save_state(self, path, model, optimizer) -> None:
+        save_engine_state(path, model, optimizer, self.deepspeed, self.strategy)
+
+    def load_state(self, path, model, optimizer) -> None:
+        load_engine_state(path, model, optimizer, self.deepspeed, self.strategy)
 
 
 class _fsdp_no_sync:

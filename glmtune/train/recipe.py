@@ -110,9 +110,8 @@ class FineTuner:
         self.source = load.resolve(cfg.model)
         load.check_remote_code(self.source, cfg.trust_remote_code)
         hw = hardware.detect()
-        self.dist = distributed.init(hw.device)
-        self.strategy = distributed.resolve_strategy(cfg.strategy) if self.dist.enabled or \
-            cfg.strategy != "auto" else "ddp"
+        self.strategy = distributed.resolve_strategy(cfg.strategy)
+        self.dist = distributed.init(hw.device, sharded=self.strategy in distributed.SHARDED)
         problems = distributed.strategy_problems(self.strategy, cfg.quant)
         if problems:
             raise GlmtuneError("; ".join(problems))
@@ -218,10 +217,9 @@ class _Fit:
         self.model, self.tokenizer = tuner.model, tuner.tokenizer
         self.dist = tuner.dist
         self.device = torch.device(tuner.plan.device)
-        # forward/backward go through DDP when distributed; evaluation and saving
-        # use the plain PEFT model (identical on every rank)
-        self.strategy = tuner.strategy
-        self.engine = None  # DeepSpeed's, when it runs the steps
+        # forward/backward go through the engine's wrapper (DDP, FSDP, DeepSpeed);
+        # evaluation and saving use the PEFT model itself
+        self.engine = distributed.Engine(tuner.strategy, self.dist, self.device)
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16,
                              enabled=tuner.plan.bf16)
         self.pad_id = self.tokenizer.pad_token_id
@@ -242,13 +240,10 @@ class _Fit:
 
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
-        self.train_model = distributed.shard(self.model, self.strategy, self.dist, self.device)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.train_model, self.optimizer = self.engine.wrap(self.model, lambda: torch.optim.AdamW(
+            self._trainable(), lr=cfg.lr, weight_decay=cfg.weight_decay), cfg)
+        params = self._trainable()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        if self.strategy in ("zero2", "zero3"):
-            self.train_model = self.engine = distributed.deepspeed_engine(
-                self.model, self.optimizer, self.strategy, cfg, self.dist)
         if cfg.compile:
             # dynamic: batches are padded to multiples of 8, not to one length
             self.train_model = torch.compile(self.train_model, dynamic=True)
@@ -256,9 +251,9 @@ class _Fit:
         log.info("training: %d rows, %d optimizer steps (%.2f epochs), effective batch %d",
                  len(self.tuner.train_set.rows), self.total_steps,
                  self.total_steps / self.steps_per_epoch, self.global_batch * cfg.grad_accum)
-        if self.dist.enabled or self.strategy != "ddp":
+        if self.dist.enabled or self.engine.strategy != "ddp":
             log.info("distributed (%s): %d processes x micro-batch %d x accumulation %d",
-                     self.strategy, self.dist.world, cfg.batch_size, cfg.grad_accum)
+                     self.engine.strategy, self.dist.world, cfg.batch_size, cfg.grad_accum)
 
         started = time.perf_counter()
         batches = self._batches(self.state.rows_seen)
@@ -313,6 +308,9 @@ class _Fit:
         return TrainResult(self.out, self.total_steps, [tuple(x) for x in losses], last_loss, seconds)
 
     # -- steps --------------------------------------------------------------
+    def _trainable(self) -> list:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
     def _start_or_resume(self) -> None:
         cfg = self.cfg
         resume_from = checkpoint.find_resume_point(self.out, cfg.resume) if cfg.resume else None
@@ -335,12 +333,11 @@ class _Fit:
             raise GlmtuneError(f"{resume_from}: cannot resume, these settings differ from the "
                                "checkpoint's (pass --resume-override to resume anyway):\n  - "
                                + "\n  - ".join(differences))
-        sharded = self.strategy in distributed.SHARDED
+        sharded = self.engine.sharded
         self.state = checkpoint.load(resume_from, self.model, None if sharded else self.optimizer,
                                      self.scheduler)
         if sharded:
-            distributed.load_engine_state(resume_from / checkpoint.ENGINE_DIR, self.model,
-                                          self.optimizer, self.engine, self.strategy)
+            self.engine.load_state(resume_from / checkpoint.ENGINE_DIR, self.model, self.optimizer)
         self.state.config = self._config_record()
         self.metrics.truncate_after(self.state.step)
         log.info("resumed from %s at step %d", resume_from, self.state.step)
@@ -422,10 +419,6 @@ class _Fit:
 
     def _optimizer_step(self, batches, params) -> tuple[float, int, int]:
         """One optimizer step; returns (summed loss, trained tokens, rows), over all ranks."""
-        import contextlib
-
-        import torch
-
         pairs = [next(batches) for _ in range(self.cfg.grad_accum)]
         micro, rows = [b for b, _ in pairs], sum(n for _, n in pairs)
         local_tokens = sum(int((b["labels"][:, 1:] != dataset.IGNORE_INDEX).sum()) for b in micro)
@@ -437,21 +430,11 @@ class _Fit:
         scale = self.dist.world / max(tokens, 1)
         loss_sum = 0.0
         for index, batch in enumerate(micro):
-            last = index == len(micro) - 1
-            local = not last and self.dist.enabled
-            with distributed.no_sync(self.train_model, self.strategy) if local else contextlib.nullcontext():
+            with self.engine.accumulating(self.train_model, last=index == len(micro) - 1):
                 part = self._loss_sum(batch)
-                if self.engine:  # DeepSpeed reduces, clips and steps at the accumulation boundary
-                    self.engine.backward(part * scale, scale_wrt_gas=False)
-                    self.engine.step()
-                else:
-                    (part * scale).backward()
+                self.engine.backward(part * scale)
             loss_sum += part.item()
-        if not self.engine:
-            if self.cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        self.engine.step(self.optimizer, params, self.cfg.max_grad_norm)
         loss_sum = self.dist.sum(loss_sum)[0]
         return loss_sum, int(tokens), rows
 
@@ -498,14 +481,13 @@ class _Fit:
     def _checkpoint(self) -> None:
         protect = {self.state.best_step} if self.cfg.save_best and self.state.best_step else set()
         saving = dict(keep=self.cfg.save_total_limit, protect=protect)
-        if self.strategy in distributed.SHARDED:  # every rank writes its part first
-            weights = distributed.gather_trainable(self.model, self.strategy)
+        if self.engine.sharded:  # every rank writes its part first
+            weights = self.engine.gather_trainable(self.model)
             if self.dist.is_main:
                 checkpoint.prepare_shared_staging(self.out, self.state.step)
             self.dist.barrier()
             staged = checkpoint.shared_staging(self.out, self.state.step)
-            distributed.save_engine_state(staged / checkpoint.ENGINE_DIR, self.model, self.optimizer,
-                                          self.engine, self.strategy)
+            self.engine.save_state(staged / checkpoint.ENGINE_DIR, self.model, self.optimizer)
             self.dist.barrier()
             saving.update(staged=staged, weights=weights)
         if self.dist.is_main:
@@ -524,7 +506,7 @@ class _Fit:
 
     def _save(self) -> None:
         """Adapter + tokenizer + resolved config, staged then published atomically (rank 0)."""
-        weights = distributed.gather_trainable(self.model, self.strategy)  # every rank takes part
+        weights = self.engine.gather_trainable(self.model)  # every rank takes part
         if not self.dist.is_main:
             return
         with artifacts.staging_dir(self.out) as staged:

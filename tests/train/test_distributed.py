@@ -117,10 +117,14 @@ def test_sharded_two_process_run_matches_one_process(strategy, tiny_model, tripl
     data = triplet_dir / "train_triplet.jsonl"
     two = run(tmp_path, tiny_model, data, tmp_path / "two", nproc=2, batch=2, strategy=strategy)
     one = run(tmp_path, tiny_model, data, tmp_path / "one", nproc=1, batch=4)
-    saved, single = load_file(two / "adapter_model.safetensors"), weights(one / "rank0.safetensors")
-    assert saved.keys() == single.keys()
-    for key in single:  # tolerance as for DDP above: only per-rank padding differs
-        torch.testing.assert_close(saved[key], single[key], atol=2e-3, rtol=0)
+    # and the strategy on a single process (one GPU, in real life): a group of one
+    alone = run(tmp_path, tiny_model, data, tmp_path / "alone", nproc=1, batch=4, strategy=strategy)
+    single = weights(one / "rank0.safetensors")
+    for saved in (load_file(two / "adapter_model.safetensors"),
+                  load_file(alone / "adapter_model.safetensors")):
+        assert saved.keys() == single.keys()
+        for key in single:  # tolerance as for DDP above: only per-rank padding differs
+            torch.testing.assert_close(saved[key], single[key], atol=2e-3, rtol=0)
 
 
 @pytest.mark.parametrize("strategy", SHARDED)
