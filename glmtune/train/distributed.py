@@ -234,7 +234,7 @@ class Engine:
         if last or not self.info.enabled or self.deepspeed:
             return contextlib.nullcontext()
         if self.strategy == "fsdp":
-            return _fsdp_no_sync(train_model)
+            return _FsdpNoSync(train_model)
         return train_model.no_sync()
 
     def backward(self, loss) -> None:
@@ -264,7 +264,9 @@ class Engine:
         load_engine_state(path, model, optimizer, self.deepspeed, self.strategy)
 
 
-class _fsdp_no_sync:
+class _FsdpNoSync:
+    """FSDP2's ``no_sync``: skip the gradient reduce-scatter for this micro-batch."""
+
     def __init__(self, model):
         self.model = model
 
