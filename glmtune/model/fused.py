@@ -85,11 +85,13 @@ def _fused_lora_forward(module, reference_forward):
     def forward(x, *args, **kwargs):
         adapters = module.active_adapters
         name = adapters[0] if len(adapters) == 1 else None
+        base = module.base_layer
         if (args or kwargs or module.disable_adapters or module.merged or name is None
                 or name not in module.lora_A or name in module.lora_variant
-                or not isinstance(module.lora_dropout[name], torch.nn.Identity)):
+                or not isinstance(module.lora_dropout[name], torch.nn.Identity)
+                or base.weight.requires_grad  # the kernel computes no gradient for W or b
+                or (base.bias is not None and base.bias.requires_grad)):
             return reference_forward(x, *args, **kwargs)
-        base = module.base_layer
         dtype = compute_dtype(base.weight)
         with torch.autocast(x.device.type, enabled=False):
             return LoraLinearFn.apply(x, base.weight, base.bias, module.lora_A[name].weight,

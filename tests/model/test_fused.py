@@ -197,3 +197,15 @@ def test_generation_with_a_kv_cache_is_unchanged():
     fused.install(model)
     assert model.get_base_model().config._attn_implementation == fused.ATTENTION
     assert torch.equal(model.generate(input_ids=ids, **kwargs), before)
+
+
+def test_a_trainable_base_bias_keeps_its_gradient():
+    """The LoRA kernel gives no gradient to the base layer: a layer whose bias trains falls back."""
+    model = _lora(_glm())
+    fused.install(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    layer.base_layer.bias.requires_grad_(True)
+    x = torch.randn(3, 96)
+    layer(x).sum().backward()
+    assert layer.base_layer.bias.grad is not None
+    torch.testing.assert_close(layer.base_layer.bias.grad, torch.full((layer.base_layer.out_features,), 3.0))
