@@ -90,7 +90,7 @@ plan: setup
 	$(GLMTUNE) plan --from-make
 
 monitor: setup
-	$(GLMTUNE) monitor --output-dir "$(or $(OUTPUT_DIR),models/chatglm-lora)"
+	$(GLMTUNE) monitor $(if $(OUTPUT_DIR),--output-dir "$(OUTPUT_DIR)")
 
 # Builds a 12 GB random ChatGLM3-6B-shaped checkpoint once (bench/cache/) and
 # needs about 14 GB of free memory; BENCH_STEPS sets the steps per run.

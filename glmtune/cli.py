@@ -68,15 +68,10 @@ def _field(cls, name):
 
 # ------------------------------------------------------------------ commands
 def cmd_train(args) -> int:
+    from glmtune.train import distributed
     from glmtune.train.recipe import train
 
-    from glmtune.train import distributed
-
-    config = config_from_args(args, cfg.TrainConfig)
-    try:
-        result = train(config)
-    finally:
-        distributed.shutdown(distributed.from_environment())
+    result = train(config_from_args(args, cfg.TrainConfig))
     if not distributed.from_environment().is_main:
         return 0  # rank 0 reports for everyone
     if result.interrupted:
@@ -121,11 +116,7 @@ def cmd_chat(args) -> int:
     from glmtune.infer.predict import Predictor
 
     config = config_from_args(args, cfg.ChatConfig)
-    predictor = Predictor(cfg.PredictConfig(
-        adapter=config.adapter, model=config.model, trust_remote_code=config.trust_remote_code,
-        template=config.template, max_new_tokens=config.max_new_tokens, bf16=config.bf16,
-        threads=config.threads, out=None))
-    run_chat(predictor)
+    run_chat(Predictor(config.predict_config()))
     return 0
 
 

@@ -313,6 +313,13 @@ class _LoadedModel:
     trust_remote_code: bool = _same(PredictConfig, "trust_remote_code")
     template: str = _same(PredictConfig, "template")
 
+    def predict_config(self) -> PredictConfig:
+        """The generation settings as a PredictConfig (subclasses add max_new_tokens, bf16, threads)."""
+        return PredictConfig(adapter=self.adapter, model=self.model,
+                             trust_remote_code=self.trust_remote_code, template=self.template,
+                             max_new_tokens=self.max_new_tokens, bf16=self.bf16,
+                             threads=self.threads)
+
 
 @dataclass
 class EvalConfig(_LoadedModel):

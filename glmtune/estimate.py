@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-GB = 1024 ** 3
+from glmtune.hardware import GB
 
 # bytes per parameter of a quantized Linear weight, quantization state included
 _QUANT_BYTES = {"4bit": 0.5 + 4 / 64 / 8 * 1.0 + 0.03, "8bit": 1.0 + 4 / 4096}
@@ -176,13 +176,9 @@ class Estimate:
 
 def estimate(shape: Shape, s: Settings, shard_bytes: int = 0) -> Estimate:
     dtype_bytes = 2 if s.base_dtype == "bfloat16" else 4
-    if s.quant == "none":
-        linear = shape.linear_params * dtype_bytes
-        other_bytes = dtype_bytes
-    else:
-        linear = int(shape.linear_params * _QUANT_BYTES[s.quant])
-        other_bytes = 2 if s.base_dtype == "bfloat16" else 4  # embeddings/head stay unquantized
-    weights = linear + shape.embedding_params * other_bytes
+    linear = (shape.linear_params * dtype_bytes if s.quant == "none"
+              else int(shape.linear_params * _QUANT_BYTES[s.quant]))
+    weights = linear + shape.embedding_params * dtype_bytes  # embeddings/head stay unquantized
     # fp32 value + grad + two AdamW moments
     trainable = 16 * shape.lora_params(s.lora_r)
     if s.train_embeddings:
@@ -205,6 +201,3 @@ def estimate(shape: Shape, s: Settings, shard_bytes: int = 0) -> Estimate:
     return Estimate(weights=weights, trainable=trainable, activations=activations, logits=logits,
                     runtime=int(runtime), load_transient=int(transient))
 
-
-def read_config(model_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(model_dir) / "config.json").read_text("utf-8"))

@@ -38,10 +38,6 @@ class Plan:
 
         return getattr(torch, self.base_dtype)
 
-    @property
-    def guard_bytes(self) -> int | None:
-        return None if self.budget_bytes is None else self.budget_bytes
-
     def describe(self) -> str:
         head = (f"device={self.device} bf16={'on' if self.bf16 else 'off'} "
                 f"threads={self.threads} quant={self.quant} base_dtype={self.base_dtype}")
@@ -145,7 +141,7 @@ def _fit_memory(plan: Plan, config: TrainConfig, hw: Hardware, model_config: dic
         return est.estimate(shape, _settings(plan, c, train_embeddings), shard_bytes)
 
     current = predict(config)
-    for step in _shrink_steps(config, plan):
+    for step in _shrink_steps(config):
         if current.peak <= budget:
             break
         candidate, note = step
@@ -165,16 +161,14 @@ def _fit_memory(plan: Plan, config: TrainConfig, hw: Hardware, model_config: dic
     return plan, config
 
 
-def _shrink_steps(config: TrainConfig, plan: Plan):
+def _shrink_steps(config: TrainConfig):
     """Ever-cheaper variants of ``config``: each step keeps the previous ones' changes."""
     c = config
     if not c.gradient_checkpointing:
         c = replace(c, gradient_checkpointing=True)
         yield c, "turned on gradient checkpointing"
     while c.batch_size > 1:
-        before = c
-        smaller = smaller_batch(c.batch_size)
-        c = replace(c, batch_size=smaller, grad_accum=c.grad_accum * c.batch_size // smaller)
+        before, c = c, halve_batch(c)
         yield c, (f"micro-batch {before.batch_size} -> {c.batch_size}, accumulation "
                   f"{before.grad_accum} -> {c.grad_accum} (same effective batch)")
     for quant in ("8bit", "4bit"):
@@ -186,9 +180,10 @@ def _shrink_steps(config: TrainConfig, plan: Plan):
         yield c, f"max_seq_len -> {c.max_seq_len} (longer rows are truncated)"
 
 
-def smaller_batch(batch_size: int) -> int:
-    """Half the micro-batch when that divides it, else 1: the effective batch must not change."""
-    return batch_size // 2 if batch_size % 2 == 0 else 1
+def halve_batch(c: TrainConfig) -> TrainConfig:
+    """Half the micro-batch (1 when it is odd) and accumulation to match: same effective batch."""
+    smaller = c.batch_size // 2 if c.batch_size % 2 == 0 else 1
+    return replace(c, batch_size=smaller, grad_accum=c.grad_accum * c.batch_size // smaller)
 
 
 def _quant_rank(quant: str) -> int:

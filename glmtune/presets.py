@@ -14,8 +14,7 @@ A preset only fills in settings: any option the user gives explicitly wins
 from __future__ import annotations
 
 from glmtune.errors import GlmtuneError
-
-GB = 1024 ** 3
+from glmtune.hardware import GB
 
 PRESETS: dict[str, dict[str, object]] = {
     # CPU tiers, as the CPU trainer chose them from system memory

@@ -26,6 +26,14 @@ def triplet_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def adapter(tiny_model, tmp_path_factory) -> Path:
+    """A saved LoRA adapter on tiny-glm with random (non-zero) weights, built once."""
+    from tests.fixtures.random_adapter import build_random_adapter
+
+    return build_random_adapter(tiny_model, tmp_path_factory.mktemp("adapter") / "lora")
+
+
 @pytest.fixture
 def run_cli(capsys):
     """Run the real CLI in-process; returns (exit code, stdout, stderr)."""
@@ -36,6 +44,12 @@ def run_cli(capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in path.read_text("utf-8").splitlines()]
 
 
 def snapshot(path: Path) -> dict[str, bytes]:

@@ -6,7 +6,6 @@ import pytest
 
 from glmtune import config as cfg
 from glmtune.cli import build_parser, config_from_args
-from glmtune.config import TrainConfig
 from glmtune.errors import ConfigError, GlmtuneError
 
 
@@ -117,10 +116,10 @@ def test_yaml_booleans_work_for_auto_true_false_options(tmp_path):
 
 @pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
 def test_eight_bit_weights_with_a_sharding_strategy_are_refused(strategy):
-    problems = TrainConfig(quant="8bit", strategy=strategy).problems()
+    problems = cfg.TrainConfig(quant="8bit", strategy=strategy).problems()
     assert any(p.startswith(f"strategy: {strategy} shards the weights") and "--quant 4bit" in p
                for p in problems)
-    assert not any("shards" in p for p in TrainConfig(quant="8bit", strategy="zero2").problems())
+    assert not any("shards" in p for p in cfg.TrainConfig(quant="8bit", strategy="zero2").problems())
 
 
 def test_strategy_auto_follows_the_accelerate_launch_environment(monkeypatch):

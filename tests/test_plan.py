@@ -50,18 +50,17 @@ def test_every_preset_is_a_valid_config():
         assert config.problems() == []
 
 
-def test_explicit_settings_beat_the_preset(run_cli, tmp_path):
+def test_explicit_settings_beat_the_preset():
     config = TrainConfig.from_preset("cpu-8gb", hw=cpu(8), batch_size=4, quant="none")
     assert config.batch_size == 4 and config.quant == "none"
     assert config.max_seq_len == 64  # still from the preset
 
 
-def test_cli_preset_layering(monkeypatch):
-    from glmtune import config as cfg
+def test_cli_preset_layering():
     from glmtune.cli import build_parser, config_from_args
 
     args = build_parser().parse_args(["train", "--preset", "cpu-4gb", "--max-seq-len", "48"])
-    config = config_from_args(args, cfg.TrainConfig)
+    config = config_from_args(args, TrainConfig)
     assert config.max_seq_len == 48 and config.quant == "4bit" and config.grad_accum == 32
 
 

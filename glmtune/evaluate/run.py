@@ -17,7 +17,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from glmtune.config import EvalConfig, PredictConfig
+from glmtune.config import EvalConfig
 from glmtune.data.formats import read_samples
 from glmtune.data.sample import Message
 from glmtune.errors import DataError
@@ -61,13 +61,6 @@ def load_examples(path: str, max_samples: int | None = None) -> list[Example]:
     return [Example(s.messages[:-1], s.messages[-1].content) for s in samples]
 
 
-def _predictor_config(config: EvalConfig) -> PredictConfig:
-    return PredictConfig(adapter=config.adapter, model=config.model,
-                         trust_remote_code=config.trust_remote_code, template=config.template,
-                         max_new_tokens=config.max_new_tokens, bf16=config.bf16,
-                         threads=config.threads, out=None)
-
-
 def evaluate(config: EvalConfig, predictor=None) -> EvalResult:
     """Score ``config.adapter`` (and the base, if asked) on ``config.data``; write the files."""
     config = config.validate()
@@ -75,7 +68,7 @@ def evaluate(config: EvalConfig, predictor=None) -> EvalResult:
     if predictor is None:
         from glmtune.infer.predict import Predictor
 
-        predictor = Predictor(_predictor_config(config))
+        predictor = Predictor(config.predict_config())
     ids = [predictor.conversation_ids(e.prompt) for e in examples]
     name = "adapter" if config.adapter else "model"
     runs = [(name, None)] + ([("base", predictor.base_model)] if config.compare_base else [])

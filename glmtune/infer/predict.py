@@ -52,14 +52,14 @@ class Predictor:
         family = detect_family(source.config, self.tokenizer, source.path)
         template = config.template if config.template != "auto" else trained.get("template", "auto")
         self.family = family if template == "auto" else template_override(family, template)
-        quant = getattr(config, "quant", "none")
+        quantized = config.quant != "none"  # bitsandbytes places a quantized model itself
         model = load.load_model(
             source, trust_remote_code=trust,
-            quantization_config=load.quantization_config(quant, self.bf16),
-            device_map={"": hw.device} if quant != "none" else None)
+            quantization_config=load.quantization_config(config.quant, self.bf16),
+            device_map={"": hw.device} if quantized else None)
         if config.adapter:
             model = _attach_adapter(model, config.adapter)
-        self.model = (model if quant != "none" else model.to(self.device)).eval()
+        self.model = (model if quantized else model.to(self.device)).eval()
         self.stop_ids = stop_token_ids(self.family.template, self.tokenizer)
 
     def prompt_ids(self, prompt: str, history: Sequence[tuple[str, str]] = ()) -> list[int]:

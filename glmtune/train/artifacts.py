@@ -92,8 +92,8 @@ class MetricsLog:
                        if line.strip()]
         self.records = [r for r in records if r.get("step", 0) <= step]
         if self.enabled:
-                write_text_atomic(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                                  for r in self.records))
+            write_text_atomic(self.path, "".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                              for r in self.records))
 
     def write(self, record: dict) -> None:
         self.records.append(record)

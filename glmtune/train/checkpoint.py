@@ -160,7 +160,8 @@ def load(path: Path, model, optimizer, scheduler) -> TrainerState:
     try:
         state = TrainerState(**json.loads((path / STATE_FILE).read_text("utf-8")))
         tensors = torch.load(path / TENSORS_FILE, weights_only=True, map_location="cpu")
-        weights = load_file(path / "adapter_model.safetensors")
+        # a sharded run's adapter comes back with its engine state instead
+        weights = load_file(path / "adapter_model.safetensors") if optimizer is not None else None
     except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as exc:
         raise _damaged(path, exc) from exc
     if optimizer is not None:

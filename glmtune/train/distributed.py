@@ -53,7 +53,7 @@ class Dist:
         return tensor.tolist()
 
     def any(self, flag: bool) -> bool:
-        return bool(self.sum(float(flag))[0]) if self.enabled else flag
+        return bool(self.sum(float(flag))[0])
 
     def barrier(self) -> None:
         if self.enabled:
@@ -169,37 +169,6 @@ def strategy_problems(strategy: str, quant: str) -> list[str]:
     return found
 
 
-def shard(model, strategy: str, info: Dist, device):
-    """The module to train through, set up before the optimizer exists (FSDP replaces parameters)."""
-    if strategy == "ddp":
-        return wrap(model, info, device)
-    if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        layer_classes = set(getattr(model.get_base_model(), "_no_split_modules", None) or ())
-        for module in model.modules():  # one FSDP unit per decoder layer, then the rest
-            if type(module).__name__ in layer_classes:
-                fully_shard(module)
-        fully_shard(model)
-    return model
-
-
-def deepspeed_engine(model, optimizer, strategy: str, cfg, info: Dist):
-    """DeepSpeed around the model and glmtune's optimizer; ZeRO stage from ``strategy``."""
-    import deepspeed
-
-    config = {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "train_batch_size": cfg.batch_size * cfg.grad_accum * info.world,
-        "gradient_clipping": cfg.max_grad_norm,  # 0 = off, as in glmtune
-        "zero_optimization": {"stage": 3 if strategy == "zero3" else 2},
-        "steps_per_print": 2**31 - 1,  # glmtune logs
-    }
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    return engine
-
-
 class Engine:
     """How one optimizer step runs across processes, whatever the strategy.
 
@@ -219,12 +188,30 @@ class Engine:
     def wrap(self, model, make_optimizer, cfg):
         """(module to train through, optimizer): FSDP shards before the optimizer exists
         (it replaces the parameters), DeepSpeed wraps model and optimizer after."""
-        train_model = shard(model, self.strategy, self.info, self.device)
+        if self.strategy == "ddp":
+            return wrap(model, self.info, self.device), make_optimizer()
+        if self.strategy == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            layer_classes = set(getattr(model.get_base_model(), "_no_split_modules", None) or ())
+            for module in model.modules():  # one FSDP unit per decoder layer, then the rest
+                if type(module).__name__ in layer_classes:
+                    fully_shard(module)
+            fully_shard(model)
+            return model, make_optimizer()
+        import deepspeed
+
         optimizer = make_optimizer()
-        if self.strategy in ("zero2", "zero3"):
-            train_model = self.deepspeed = deepspeed_engine(model, optimizer, self.strategy, cfg,
-                                                            self.info)
-        return train_model, optimizer
+        config = {
+            "train_micro_batch_size_per_gpu": cfg.batch_size,
+            "gradient_accumulation_steps": cfg.grad_accum,
+            "train_batch_size": cfg.batch_size * cfg.grad_accum * self.info.world,
+            "gradient_clipping": cfg.max_grad_norm,  # 0 = off, as in glmtune
+            "zero_optimization": {"stage": 3 if self.strategy == "zero3" else 2},
+            "steps_per_print": 2**31 - 1,  # glmtune logs
+        }
+        self.deepspeed, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        return self.deepspeed, optimizer
 
     def accumulating(self, train_model, last: bool):
         """Around one micro-batch: gradients stay local unless it is the step's last.
@@ -255,13 +242,59 @@ class Engine:
         optimizer.zero_grad(set_to_none=True)
 
     def gather_trainable(self, model) -> dict | None:
-        return gather_trainable(model, self.strategy)
+        """The full trainable tensors on rank 0 (a collective: every rank calls it).
+
+        None where each rank already holds them whole (DDP, ZeRO-2).
+        """
+        if self.strategy == "fsdp":
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                                 get_model_state_dict)
+
+            return get_model_state_dict(model, options=StateDictOptions(
+                full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
+        if self.strategy == "zero3":
+            import deepspeed
+
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+                return {n: p.detach().to("cpu", copy=True) for n, p in named}
+        return None
 
     def save_state(self, path, model, optimizer) -> None:
-        save_engine_state(path, model, optimizer, self.deepspeed, self.strategy)
+        """Sharded optimizer (and trainable weight) state, each rank its own part (a collective)."""
+        if self.strategy == "fsdp":
+            import torch.distributed.checkpoint as dcp
+
+            dcp.save(_fsdp_state(model, optimizer), checkpoint_id=str(path))
+        else:
+            self.deepspeed.save_checkpoint(str(path), tag="engine", save_latest=False,
+                                           exclude_frozen_parameters=True)
 
     def load_state(self, path, model, optimizer) -> None:
-        load_engine_state(path, model, optimizer, self.deepspeed, self.strategy)
+        if self.strategy == "fsdp":
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                                 set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+
+            state = _fsdp_state(model, optimizer)  # the layout dcp.load fills in place
+            dcp.load(state, checkpoint_id=str(path))
+            set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+            set_optimizer_state_dict(model, optimizer, state["optim"],
+                                     options=StateDictOptions(ignore_frozen_params=True))
+        else:
+            self.deepspeed.load_checkpoint(str(path), tag="engine", load_module_strict=False,
+                                           load_optimizer_states=True,
+                                           load_lr_scheduler_states=False)
+
+
+def _fsdp_state(model, optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(ignore_frozen_params=True)
+    return {"model": get_model_state_dict(model, options=options),
+            "optim": get_optimizer_state_dict(model, optimizer, options=options)}
 
 
 class _FsdpNoSync:
@@ -276,57 +309,3 @@ class _FsdpNoSync:
     def __exit__(self, *exc):
         self.model.set_requires_gradient_sync(True)
         return False
-
-
-def gather_trainable(model, strategy: str) -> dict | None:
-    """The full trainable tensors on rank 0 (a collective: every rank calls it).
-
-    None where each rank already holds them whole (DDP, ZeRO-2).
-    """
-    if strategy == "fsdp":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        return get_model_state_dict(model, options=StateDictOptions(
-            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
-    if strategy == "zero3":
-        import deepspeed
-
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-            return {n: p.detach().to("cpu", copy=True) for n, p in named}
-    return None
-
-
-def save_engine_state(path, model, optimizer, engine, strategy: str) -> None:
-    """Sharded optimizer (and trainable weight) state, every rank its own part (a collective)."""
-    if strategy == "fsdp":
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict)
-
-        options = StateDictOptions(ignore_frozen_params=True)
-        dcp.save({"model": get_model_state_dict(model, options=options),
-                  "optim": get_optimizer_state_dict(model, optimizer, options=options)},
-                 checkpoint_id=str(path))
-    else:
-        engine.save_checkpoint(str(path), tag="engine", save_latest=False,
-                               exclude_frozen_parameters=True)
-
-
-def load_engine_state(path, model, optimizer, engine, strategy: str) -> None:
-    if strategy == "fsdp":
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                             get_optimizer_state_dict,
-                                                             set_model_state_dict,
-                                                             set_optimizer_state_dict)
-
-        options = StateDictOptions(ignore_frozen_params=True)
-        state = {"model": get_model_state_dict(model, options=options),
-                 "optim": get_optimizer_state_dict(model, optimizer, options=options)}
-        dcp.load(state, checkpoint_id=str(path))
-        set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
-        set_optimizer_state_dict(model, optimizer, state["optim"], options=options)
-    else:
-        engine.load_checkpoint(str(path), tag="engine", load_module_strict=False,
-                               load_optimizer_states=True, load_lr_scheduler_states=False)

@@ -14,7 +14,8 @@ import threading
 import time
 from pathlib import Path
 
-GB = 1024 ** 3
+from glmtune.hardware import GB
+
 CSV_HEADER = ("time_s", "rss_gb", "system_available_gb")
 
 

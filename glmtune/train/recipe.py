@@ -28,9 +28,10 @@ from glmtune.data import dataset
 from glmtune.errors import GlmtuneError
 from glmtune.model import fused, load, lora, tiny_glm
 from glmtune.model.family import Family, detect_family, template_override
-from glmtune.plan import Plan, plan_for_model, smaller_batch
-from glmtune.train import artifacts, checkpoint, distributed, faults
-from glmtune.train.monitor import GB, MemoryMonitor
+from glmtune.plan import Plan, halve_batch, plan_for_model
+from glmtune.train import artifacts, checkpoint, distributed, faults, monitor
+from glmtune.hardware import GB
+from glmtune.train.monitor import MemoryMonitor
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +154,14 @@ class FineTuner:
 
 def train(config: TrainConfig, callbacks: Sequence[Callable[[int, "FineTuner"], None]] = ()
           ) -> TrainResult:
-    """Fine-tune with ``config`` and save the adapter: the one-call API."""
-    return FineTuner(config, callbacks=callbacks).train()
+    """Fine-tune with ``config`` and save the adapter: the one-call API.
+
+    It also leaves the process group it joined (the one-call API owns it).
+    """
+    try:
+        return FineTuner(config, callbacks=callbacks).train()
+    finally:
+        distributed.shutdown(distributed.from_environment())
 
 
 def _check_output_dir(out: Path, cfg: TrainConfig) -> None:
@@ -381,7 +388,7 @@ class _Fit:
         epoch, offset = divmod(rows_seen, len(rows))
         while True:
             order = dataset.epoch_order([len(r.input_ids) for r in rows], seed=self.cfg.seed,
-                                        epoch=epoch, step_rows=self.global_batch * self.cfg.grad_accum,
+                                        epoch=epoch, step_rows=size * self.cfg.grad_accum,
                                         group_by_length=self.cfg.group_by_length)
             for start in range(offset, len(rows), size):
                 global_chunk = order[start:start + size]
@@ -399,18 +406,17 @@ class _Fit:
     def _on_memory_guard(self, memory, guard: int, batches):
         cfg = self.cfg
         rss = memory.last_rss / GB
-        if cfg.auto_shrink and cfg.batch_size > 1:
-            smaller = smaller_batch(cfg.batch_size)
-            self.cfg = cfg = replace(cfg, batch_size=smaller,
-                                     grad_accum=cfg.grad_accum * cfg.batch_size // smaller)
+        # DeepSpeed fixed its accumulation when it started: it cannot shrink mid-run
+        if cfg.auto_shrink and cfg.batch_size > 1 and not self.engine.deepspeed:
+            self.cfg = cfg = halve_batch(cfg)
             log.warning("memory guard: RSS %.2f GB crossed %.2f GB; micro-batch -> %d, accumulation "
                         "-> %d (same effective batch), continuing", rss, guard / GB,
                         cfg.batch_size, cfg.grad_accum)
             memory.rearm()
             return self._batches(self.state.rows_seen)
         self.tuner._stop_requested = "memory guard"
-        smaller = smaller_batch(cfg.batch_size)
-        self.shrink_hint = (f"--batch-size {smaller} --grad-accum {cfg.grad_accum * cfg.batch_size // smaller}"
+        half = halve_batch(cfg)
+        self.shrink_hint = (f"--batch-size {half.batch_size} --grad-accum {half.grad_accum}"
                             + ("" if cfg.gradient_checkpointing else " --gradient-checkpointing"))
         log.warning("memory guard: RSS %.2f GB crossed %.2f GB (%.0f%% of the %.2f GB budget); "
                     "saving a checkpoint and stopping before the system runs out of memory",
@@ -491,7 +497,7 @@ class _Fit:
             self.dist.barrier()
             saving.update(staged=staged, weights=weights)
         if self.dist.is_main:
-            optimizer = None if "staged" in saving else self.optimizer
+            optimizer = None if self.engine.sharded else self.optimizer
             path = checkpoint.save(self.out, self.state, self.model, optimizer, self.scheduler, **saving)
             log.info("checkpoint saved: %s", path)
         self.dist.barrier()
@@ -563,9 +569,7 @@ def _add_embedding_noise(model, alpha: float) -> None:
 
 
 def _rss_gb() -> float:
-    import psutil
-
-    return psutil.Process().memory_info().rss / 1e9
+    return monitor.sample_rss() / 1e9
 
 
 def _progress(total: int, done: int = 0):

@@ -10,13 +10,7 @@ import pytest
 from glmtune.config import EvalConfig, PredictConfig
 from glmtune.errors import DataError, GlmtuneError
 from glmtune.evaluate.run import evaluate
-from tests.conftest import snapshot
-from tests.fixtures.random_adapter import build_random_adapter
-
-
-@pytest.fixture(scope="module")
-def adapter(tiny_model, tmp_path_factory):
-    return build_random_adapter(tiny_model, tmp_path_factory.mktemp("eval-adapter") / "lora")
+from tests.conftest import read_jsonl, snapshot
 
 
 class ScriptedPredictor:
@@ -41,10 +35,6 @@ class ScriptedPredictor:
             yield self
         finally:
             self.in_base = False
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text("utf-8").splitlines()]
 
 
 def write_rows(path, rows):

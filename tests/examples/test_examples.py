@@ -10,15 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.random_adapter import build_random_adapter
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
-
-
-@pytest.fixture(scope="module")
-def adapter(tiny_model, tmp_path_factory):
-    return build_random_adapter(tiny_model, tmp_path_factory.mktemp("example-adapter") / "lora")
 
 
 def one_cpu() -> None:

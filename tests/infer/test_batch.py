@@ -10,15 +10,10 @@ from glmtune.config import PredictConfig
 from glmtune.errors import DataError, GlmtuneError
 from glmtune.infer.batch import batch_predict, read_prompts
 from glmtune.infer.predict import Predictor
-from tests.fixtures.random_adapter import build_random_adapter
+from tests.conftest import read_jsonl
 
 PROMPTS = ["你好", "请从以下文本中抽取三元组，格式为(主体, 关系, 客体):\n苹果公司是一家美国的科技公司。",
            "北京是中国的首都。", "a", "马云创立了阿里巴巴集团。"]
-
-
-@pytest.fixture(scope="module")
-def adapter(tiny_model, tmp_path_factory):
-    return build_random_adapter(tiny_model, tmp_path_factory.mktemp("batch-adapter") / "lora")
 
 
 @pytest.fixture(scope="module")
@@ -52,10 +47,6 @@ class CountingPredictor:
         return f"answer to {prompt}"
 
 
-def records(path):
-    return [json.loads(line) for line in path.read_text("utf-8").splitlines()]
-
-
 def test_interrupted_batch_resumes_where_it_stopped(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("一\n\n二\n三\n四\n", "utf-8")
@@ -65,7 +56,7 @@ def test_interrupted_batch_resumes_where_it_stopped(tmp_path):
     first = CountingPredictor(stop_after=2)
     with pytest.raises(KeyboardInterrupt):
         batch_predict(config, predictor=first)
-    assert [r["prompt"] for r in records(out)] == ["一", "二"]  # flushed before the kill
+    assert [r["prompt"] for r in read_jsonl(out)] == ["一", "二"]  # flushed before the kill
 
     # a kill in the middle of a write leaves a line without its newline
     with open(out, "a", encoding="utf-8") as fh:
@@ -74,7 +65,7 @@ def test_interrupted_batch_resumes_where_it_stopped(tmp_path):
     result = batch_predict(config, predictor=second)
     assert second.asked == ["三", "四"]
     assert (result.answered, result.skipped, result.total) == (2, 2, 4)
-    assert [(r["line"], r["prompt"], r["answer"]) for r in records(out)] == [
+    assert [(r["line"], r["prompt"], r["answer"]) for r in read_jsonl(out)] == [
         (1, "一", "answer to 一"), (3, "二", "answer to 二"),
         (4, "三", "answer to 三"), (5, "四", "answer to 四")]
 
@@ -135,8 +126,8 @@ def test_predict_file_cli_end_to_end(adapter, tiny_model, predictor, run_cli, tm
     code, stdout, err = run_cli(*argv)
     assert code == 0, err
     assert "2 answered" in stdout
-    assert [r["answer"] for r in records(out)] == [predictor.generate("你好"),
+    assert [r["answer"] for r in read_jsonl(out)] == [predictor.generate("你好"),
                                                   predictor.generate("北京是中国的首都。")]
     code, stdout, _ = run_cli(*argv)
     assert code == 0 and "0 answered, 2 already answered" in stdout
-    assert len(records(out)) == 2
+    assert len(read_jsonl(out)) == 2

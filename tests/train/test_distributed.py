@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent('''
     stop_at = int(stop)
     callbacks = [lambda step, tuner: step == stop_at and tuner.request_stop()] if stop_at else []
     tuner = FineTuner(config, callbacks=callbacks)
-    result = tuner.train()
+    tuner.train()
     rank = os.environ.get("RANK", "0")
     if strategy in ("auto", "ddp"):  # sharded ranks hold only their shard
         state = {k: v.contiguous() for k, v in get_peft_model_state_dict(tuner.model).items()}
@@ -52,19 +52,30 @@ def run(tmp_path, model, data, out, *, nproc, batch, stop=0, resume="", max_samp
     return out
 
 
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(path)
+@pytest.fixture(scope="module")
+def finished(tiny_model, triplet_dir, tmp_path_factory):
+    """Uninterrupted 6-step runs, each trained once per module whichever tests compare to it."""
+    done: dict[tuple, Path] = {}
+
+    def get(*, nproc: int, batch: int, strategy: str = "auto") -> Path:
+        key = (nproc, batch, strategy)
+        if key not in done:
+            work = tmp_path_factory.mktemp(f"run-{nproc}x{batch}-{strategy}")
+            done[key] = run(work, tiny_model, triplet_dir / "train_triplet.jsonl", work / "out",
+                            nproc=nproc, batch=batch, strategy=strategy)
+        return done[key]
+
+    return get
 
 
-def test_two_processes_agree_and_match_one_process(tiny_model, triplet_dir, tmp_path):
-    data = triplet_dir / "train_triplet.jsonl"
-    two = run(tmp_path, tiny_model, data, tmp_path / "two", nproc=2, batch=2)
-    one = run(tmp_path, tiny_model, data, tmp_path / "one", nproc=1, batch=4)  # same effective batch
+def test_two_processes_agree_and_match_one_process(finished):
+    two = finished(nproc=2, batch=2)
+    one = finished(nproc=1, batch=4)  # same effective batch
 
-    rank0, rank1 = weights(two / "rank0.safetensors"), weights(two / "rank1.safetensors")
+    rank0, rank1 = load_file(two / "rank0.safetensors"), load_file(two / "rank1.safetensors")
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key  # DDP keeps every rank identical
-    single = weights(one / "rank0.safetensors")
+    single = load_file(one / "rank0.safetensors")
     saved = load_file(two / "adapter_model.safetensors")
     assert saved.keys() == single.keys()
     # Same rows, same token-weighted loss; only the padding of each rank's half
@@ -77,9 +88,10 @@ def test_two_processes_agree_and_match_one_process(tiny_model, triplet_dir, tmp_
     assert len(lines) == 6, "only rank 0 writes metrics"
 
 
-def test_two_process_run_interrupted_and_resumed_equals_uninterrupted(tiny_model, triplet_dir, tmp_path):
+def test_two_process_run_interrupted_and_resumed_equals_uninterrupted(finished, tiny_model, triplet_dir,
+                                                                     tmp_path):
     data = triplet_dir / "train_triplet.jsonl"
-    straight = run(tmp_path, tiny_model, data, tmp_path / "straight", nproc=2, batch=2)
+    straight = finished(nproc=2, batch=2)
     resumed = tmp_path / "resumed"
     run(tmp_path, tiny_model, data, resumed, nproc=2, batch=2, stop=3)
     assert not (resumed / "adapter_config.json").exists()
@@ -97,29 +109,26 @@ def test_ragged_epoch_end_keeps_ranks_in_step(tiny_model, triplet_dir, tmp_path)
     """9 rows, 2 processes x micro-batch 4: every epoch ends with one row, so rank 1 gets none."""
     out = run(tmp_path, tiny_model, triplet_dir / "train_triplet.jsonl", tmp_path / "ragged",
               nproc=2, batch=4, max_samples=9)
-    rank0, rank1 = weights(out / "rank0.safetensors"), weights(out / "rank1.safetensors")
+    rank0, rank1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
 
 
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="DeepSpeed not installed")
 SHARDED = [pytest.param("fsdp", id="fsdp2"),
-           pytest.param("zero2", id="deepspeed-zero2",
-                        marks=pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                                                 reason="DeepSpeed not installed")),
-           pytest.param("zero3", id="deepspeed-zero3",
-                        marks=pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
-                                                 reason="DeepSpeed not installed"))]
+           pytest.param("zero2", id="deepspeed-zero2", marks=needs_deepspeed),
+           pytest.param("zero3", id="deepspeed-zero3", marks=needs_deepspeed)]
 
 
 @pytest.mark.parametrize("strategy", SHARDED)
-def test_sharded_two_process_run_matches_one_process(strategy, tiny_model, triplet_dir, tmp_path):
+def test_sharded_two_process_run_matches_one_process(strategy, finished):
     """FSDP2 / ZeRO on two gloo processes: the gathered adapter equals a one-process run's."""
-    data = triplet_dir / "train_triplet.jsonl"
-    two = run(tmp_path, tiny_model, data, tmp_path / "two", nproc=2, batch=2, strategy=strategy)
-    one = run(tmp_path, tiny_model, data, tmp_path / "one", nproc=1, batch=4)
+    two = finished(nproc=2, batch=2, strategy=strategy)
+    one = finished(nproc=1, batch=4)
     # and the strategy on a single process (one GPU, in real life): a group of one
-    alone = run(tmp_path, tiny_model, data, tmp_path / "alone", nproc=1, batch=4, strategy=strategy)
-    single = weights(one / "rank0.safetensors")
+    alone = finished(nproc=1, batch=4, strategy=strategy)
+    single = load_file(one / "rank0.safetensors")
     for saved in (load_file(two / "adapter_model.safetensors"),
                   load_file(alone / "adapter_model.safetensors")):
         assert saved.keys() == single.keys()
@@ -128,12 +137,11 @@ def test_sharded_two_process_run_matches_one_process(strategy, tiny_model, tripl
 
 
 @pytest.mark.parametrize("strategy", SHARDED)
-def test_sharded_run_interrupted_and_resumed_equals_uninterrupted(strategy, tiny_model, triplet_dir,
-                                                                  tmp_path):
+def test_sharded_run_interrupted_and_resumed_equals_uninterrupted(strategy, finished, tiny_model,
+                                                                  triplet_dir, tmp_path):
     """Checkpoints hold each rank's optimizer shard; resume continues exactly."""
     data = triplet_dir / "train_triplet.jsonl"
-    straight = run(tmp_path, tiny_model, data, tmp_path / "straight", nproc=2, batch=2,
-                   strategy=strategy)
+    straight = finished(nproc=2, batch=2, strategy=strategy)
     resumed = tmp_path / "resumed"
     run(tmp_path, tiny_model, data, resumed, nproc=2, batch=2, stop=3, strategy=strategy)
     assert not (resumed / "adapter_config.json").exists()

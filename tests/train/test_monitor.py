@@ -13,10 +13,10 @@ import csv
 import yaml
 
 from glmtune.config import TrainConfig
+from glmtune.hardware import GB
 from glmtune.train import checkpoint, monitor
 from glmtune.train.recipe import FineTuner
 
-GB = 1024 ** 3
 
 
 def config(tiny_model, triplet_dir, out, **over):
