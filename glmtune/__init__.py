@@ -21,7 +21,7 @@ _EXPORTS = {
     "TrainConfig": "glmtune.config",
     "PredictConfig": "glmtune.config",
     "FineTuner": "glmtune.train.recipe",
-    "train": "glmtune.train.recipe",
+    "train": "glmtune.train",
     "Predictor": "glmtune.infer.predict",
     "EvalConfig": "glmtune.config",
     "ChatConfig": "glmtune.config",
@@ -36,5 +36,7 @@ def __getattr__(name):
     if name in _EXPORTS:
         import importlib
 
+        if name == "train":  # the package itself is the function: glmtune/train/__init__.py
+            return importlib.import_module("glmtune.train")
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'glmtune' has no attribute {name!r}")

@@ -309,8 +309,12 @@ def _setup_logging(debug: bool) -> None:
 
     # Library chatter that says nothing actionable to a user: bitsandbytes
     # failing to fetch an optional kernel from the hub, peft calling a
-    # deprecated transformers property.
+    # deprecated transformers property, DeepSpeed announcing the CPU it falls
+    # back to whenever transformers imports it (a filter, because DeepSpeed
+    # resets its logger's level when it creates it).
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    logging.getLogger("DeepSpeed").addFilter(
+        lambda record: "Setting accelerator to CPU" not in record.getMessage())
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     handler = TqdmHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s - %(message)s"))

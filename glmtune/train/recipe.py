@@ -569,7 +569,7 @@ def _add_embedding_noise(model, alpha: float) -> None:
 
 
 def _rss_gb() -> float:
-    return monitor.sample_rss() / 1e9
+    return monitor.sample_rss() / GB  # the same unit as memory.csv and the guard
 
 
 def _progress(total: int, done: int = 0):
