@@ -34,7 +34,9 @@ def test_predict_finds_the_base_model_from_the_adapter(adapter, tiny_model):
     # the adapter's saved config names the base it was trained on
     predictor = Predictor(PredictConfig(adapter=str(adapter), max_new_tokens=3))
     assert predictor.family.template == "glm4"
-    assert isinstance(predictor.generate("你好"), str)
+    assert predictor.source.path == str(tiny_model)
+    explicit = Predictor(PredictConfig(adapter=str(adapter), model=str(tiny_model), max_new_tokens=3))
+    assert predictor.generate("你好") == explicit.generate("你好")
 
 
 def test_history_is_formatted_per_family(adapter, tiny_model):

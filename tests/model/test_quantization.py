@@ -70,4 +70,19 @@ def test_adapters_cross_load_between_quantized_and_full_bases(trained, loaded, t
                           val_data="")).train()
     predictor = Predictor(PredictConfig(adapter=str(out), model=str(tiny_model), quant=loaded,
                                         max_new_tokens=4))
-    assert isinstance(predictor.generate("你好"), str)
+    # every saved adapter tensor arrived unchanged in the other kind of base ...
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved = load_file(out / "adapter_model.safetensors")
+    loaded_state = get_peft_model_state_dict(predictor.model)
+    assert set(saved) == set(loaded_state)
+    for name, tensor in saved.items():
+        assert torch.equal(loaded_state[name].float(), tensor.float()), name
+    # ... and it changes what the model computes
+    ids = torch.tensor([predictor.prompt_ids("你好")])
+    with torch.no_grad():
+        tuned = predictor.model(input_ids=ids).logits
+        with predictor.model.disable_adapter():
+            bare = predictor.model(input_ids=ids).logits
+    assert not torch.allclose(tuned, bare, atol=1e-3)
