@@ -54,19 +54,18 @@ class Hardware:
         return self.cuda_bf16 if self.cuda_devices else self.cpu_bf16
 
 
-def _cgroup_memory() -> tuple[int | None, int]:
-    """(limit, usage) of this container's memory cgroup; limit None when unlimited."""
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+def _cgroup_memory(root: Path = Path("/sys/fs/cgroup")) -> tuple[int | None, int]:
+    """(limit, usage) of this container's memory cgroup (v2, else v1); limit None when unlimited."""
+    for limit_file, usage_file in (("memory.max", "memory.current"),
+                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
         try:
-            raw = Path(limit_file).read_text().strip()
+            raw = (root / limit_file).read_text().strip()
         except OSError:
             continue
         if raw == "max" or not raw.isdigit() or int(raw) >= 1 << 60:
             return None, 0
         try:
-            usage = int(Path(usage_file).read_text().strip())
+            usage = int((root / usage_file).read_text().strip())
         except (OSError, ValueError):
             usage = 0
         return int(raw), usage
@@ -97,9 +96,9 @@ def _gpus() -> tuple[Gpu, ...]:
     return tuple(found)
 
 
-def _cpu_flags() -> frozenset[str]:
+def _cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = cpuinfo.read_text()
     except OSError:
         return frozenset()
     for line in text.splitlines():
