@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from common import TEXT_ROW, peak_rss_gb, report, run_child  # noqa: E402
 CACHE = Path(os.environ.get("GLMTUNE_BENCH_CACHE", HERE / "cache"))
 SHARD_BYTES = 1 << 30
 
@@ -106,8 +106,7 @@ def child(spec: dict) -> dict:
 
     data = Path(spec["out"]) / "data.txt"
     data.parent.mkdir(parents=True, exist_ok=True)
-    # rows longer than max_seq_len: every batch is full length, as the estimate assumes
-    data.write_text(("苹果公司是一家美国的科技公司。Fine-tuning on a laptop. " * 40 + "\n") * 64, "utf-8")
+    data.write_text((TEXT_ROW + "\n") * 64, "utf-8")
     config = TrainConfig(model=spec["model"], data=str(data), val_data="", output_dir=spec["out"] + "/run",
                          quant=spec["quant"], batch_size=spec["batch"], max_seq_len=spec["seq"],
                          gradient_checkpointing=spec["ckpt"], max_steps=spec["steps"], lora_r=8,
@@ -118,11 +117,11 @@ def child(spec: dict) -> dict:
     predicted = tuner.plan.predicted
     started = time.perf_counter()
     tuner.setup_model_and_tokenizer()
-    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    load_peak = peak_rss_gb()
     tuner.train()
     records = [json.loads(x) for x in (Path(spec["out"]) / "run" / "metrics.jsonl").read_text().splitlines()]
     step_times = [spec["batch"] * spec["seq"] / r["tokens_per_s"] for r in records if "loss" in r][1:]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    peak = peak_rss_gb()
     return {"quant": spec["quant"], "peak_rss_gb": round(peak, 3),
             "predicted_gb": round(predicted.peak / 2**30, 3),
             "error": round(predicted.peak / 2**30 / peak - 1, 3),
@@ -139,7 +138,7 @@ def main(argv=None) -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print("CHILD " + json.dumps(child(json.loads(args.child))), flush=True)
+        report(child(json.loads(args.child)))
         return 0
     results = {}
     for name in args.only or RUNS:
@@ -149,14 +148,7 @@ def main(argv=None) -> int:
                     out=str(CACHE / "runs" / name))
         print(f"== {name}: {model} quant={quant} batch={batch} seq={seq} checkpointing={ckpt}",
               flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)],
-                              capture_output=True, text=True)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("CHILD ")), None)
-        if proc.returncode or line is None:
-            print(proc.stderr[-3000:], file=sys.stderr)
-            results[name] = {"quant": quant, "failed": proc.returncode}
-            continue
-        results[name] = json.loads(line[6:])
+        results[name] = {"quant": quant, **run_child(__file__, json.dumps(spec))}
         print(f"   {results[name]}", flush=True)
     print("RESULT " + json.dumps(results))
     return 0

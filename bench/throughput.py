@@ -4,8 +4,8 @@ In one invocation: builds (once, cached by ``bench/memory.py``) a random native 
 "GLM-241M" (hidden 1024, 16 layers, FFN 2816, vocab 32000, 16 heads, 2 KV heads,
 head_dim 64), measures the fp32 and bf16 matmul peak, then LoRA-trains (r=8, alpha 16,
 dropout 0, every linear layer) at sequence 256 x micro-batch 4, one warm-up step plus
-``BENCH_STEPS`` (default 5) timed steps, each run in a fresh process (peak RSS = its
-``ru_maxrss``):
+``BENCH_STEPS`` (default 5) timed steps after 2 warm-up steps, each run in a fresh
+process (peak RSS = its own VmHWM; speed from the median step):
 
   A. HF ``Trainer`` + PEFT, fp32 (what the seeds did)
   B. the same with ``bf16=True``
@@ -17,6 +17,12 @@ seeds did, C pads as it does by default). Effective tokens/s counts non-padding 
 
     python bench/throughput.py            # BENCH_STEPS=3 shortens it
     BENCH_COMPILE=1 python bench/throughput.py   # adds C with --compile (fixed set)
+    BENCH_ISA=avx2 python bench/throughput.py    # as a CPU without bf16 / AVX-512 would run it
+
+BENCH_ISA=avx2 caps oneDNN and MKL at AVX2 (ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS)
+and tells glmtune the CPU has no bf16 (GLMTUNE_CPU_ISA=avx2), for every process of the
+run; B (Trainer bf16) is then skipped, as nobody would pick it there, and the bound is
+taken at the fp32 peak.
 
 Last line: ``RESULT {json}``.
 """
@@ -26,8 +32,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
-import subprocess
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -36,17 +41,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from common import TEXT_ROW, peak_rss_gb, report, run_child  # noqa: E402
 from memory import CACHE, SHAPES, build_random_glm  # noqa: E402  (bench/memory.py)
 
 MODEL = "glm-241m"
-SEQ, BATCH, WARMUP, LORA_R, LORA_ALPHA = 256, 4, 1, 8, 16
+SEQ, BATCH, WARMUP, LORA_R, LORA_ALPHA = 256, 4, 2, 8, 16
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"]
 RUNS = CACHE / "runs" / "throughput"
-TEXT_ROW = "苹果公司是一家美国的科技公司。Fine-tuning on a laptop. " * 40
-
-
-def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+            "GLMTUNE_CPU_ISA": "avx2"}
 
 
 def _cpu_name() -> str:
@@ -141,12 +144,12 @@ def child_hf(spec: dict) -> dict:
     Trainer(model=model, args=args, train_dataset=Data(), data_collator=default_data_collator,
             callbacks=[timer]).train()
     times = timer.times[WARMUP:]
+    step = statistics.median(times)
     # every step has the same shape (BATCH x SEQ); its real tokens average the data set's
     mean_len = sum(len(r["input_ids"]) for r in rows) / len(rows)
     return {"step_s": [round(t, 3) for t in times], "threads": torch.get_num_threads(),
-            "tok_s": round(BATCH * SEQ * len(times) / sum(times), 1),
-            "eff_tok_s": round(BATCH * mean_len * len(times) / sum(times), 1),
-            "rss_gb": round(_peak_rss_gb(), 3)}
+            "tok_s": round(BATCH * SEQ / step, 1), "eff_tok_s": round(BATCH * mean_len / step, 1),
+            "rss_gb": round(peak_rss_gb(), 3)}
 
 
 def child_glmtune(spec: dict) -> dict:
@@ -169,22 +172,16 @@ def child_glmtune(spec: dict) -> dict:
     # each record counts the non-padding input tokens of its step
     timed = records[WARMUP:]
     times = [r["tokens"] / r["tokens_per_s"] for r in timed]
-    tok_s = sum(r["tokens"] for r in timed) / sum(times)
+    # fixed set: every step holds the same tokens, so the median step is the rate; on the
+    # variable set steps differ in size, and only the whole run's tokens / time is fair
+    tok_s = statistics.median(r["tokens_per_s"] for r in timed)
+    eff_tok_s = sum(r["tokens"] for r in timed) / sum(times)
     return {"step_s": [round(t, 3) for t in times], "threads": torch.get_num_threads(),
-            "tok_s": round(tok_s, 1), "eff_tok_s": round(tok_s, 1),
+            "tok_s": round(tok_s, 1), "eff_tok_s": round(eff_tok_s, 1),
             "first_step_s": round(records[0]["tokens"] / records[0]["tokens_per_s"], 1),
-            "plan": tuner.plan.describe(), "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-            "rss_gb": round(_peak_rss_gb(), 3)}
-
-
-def run_child(kind: str, spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", kind, json.dumps(spec)],
-                          capture_output=True, text=True)
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("CHILD ")), None)
-    if proc.returncode or line is None:
-        print(proc.stderr[-3000:], file=sys.stderr)
-        raise SystemExit(f"{kind} run failed (exit {proc.returncode})")
-    return json.loads(line[6:])
+            "plan": tuner.plan.describe(), "bf16": bool(tuner.plan.bf16),
+            "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+            "rss_gb": round(peak_rss_gb(), 3)}
 
 
 # ------------------------------------------------------------------ data
@@ -216,9 +213,11 @@ def write_data() -> dict[str, Path]:
 # ------------------------------------------------------------------ main
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        result = (child_hf if sys.argv[2] == "hf" else child_glmtune)(json.loads(sys.argv[3]))
-        print("CHILD " + json.dumps(result), flush=True)
+        report((child_hf if sys.argv[2] == "hf" else child_glmtune)(json.loads(sys.argv[3])))
         return 0
+    avx2 = os.environ.get("BENCH_ISA") == "avx2"
+    if avx2:
+        os.environ.update(AVX2_ENV)  # before torch loads here, and inherited by every child
     steps = int(os.environ.get("BENCH_STEPS", 5))
     started = time.perf_counter()
     import torch
@@ -240,12 +239,16 @@ def main() -> int:
         print(f"== {scenario}: {len(rows)} rows, mean {mean_len:.1f} tokens (max {SEQ})", flush=True)
         runs = [("A", "hf", {"bf16": False}), ("B", "hf", {"bf16": True}),
                 ("C", "glmtune", {"data": str(path)})]
+        if avx2:
+            runs.pop(1)
         if os.environ.get("BENCH_COMPILE") == "1" and scenario == "fixed":
             runs.append(("C+compile", "glmtune", {"data": str(path), "compile": True}))
         for name, kind, extra in runs:
             spec = dict(model=str(model_dir), steps=steps, out=str(RUNS / f"{scenario}-{name}"),
                         rows=str(ids_file), pad_id=pad_id, **extra)
-            results[f"{scenario}-{name}"] = r = run_child(kind, spec)
+            results[f"{scenario}-{name}"] = r = run_child(__file__, kind, json.dumps(spec))
+            if "failed" in r:
+                raise SystemExit(f"{name} run failed (exit {r['failed']})")
             print(f"   {name}: {r['tok_s']:.0f} tok/s, {r['eff_tok_s']:.0f} effective, "
                   f"RSS {r['rss_gb']:.2f} GB, steps {r['step_s']}", flush=True)
             if name == "C+compile":
@@ -254,33 +257,38 @@ def main() -> int:
                 print("      plan: " + r["plan"].replace("\n", "\n      "), flush=True)
 
     f, v = (lambda k: results[f"fixed-{k}"]), (lambda k: results[f"variable-{k}"])
-    bf16_peak = peak["bfloat16"] * 1e9
-    frac = {k: 4 * n_linear * f(k)["tok_s"] / bf16_peak for k in "ABC"}
+    kinds = [k for k in "ABC" if f"fixed-{k}" in results]
+    # the bound is taken at the peak of the dtype glmtune computes in on this machine
+    dtype = "bfloat16" if f("C")["bf16"] else "float32"
+    bound = peak[dtype] * 1e9
+    frac = {k: 4 * n_linear * f(k)["tok_s"] / bound for k in kinds}
     names = {"A": "HF Trainer + PEFT, fp32", "B": "HF Trainer + PEFT, bf16", "C": "glmtune (defaults)"}
+    fastest = max((k for k in kinds if k != "C"), key=lambda k: f(k)["tok_s"])
     print()
-    print(f"GLM-241M LoRA r={LORA_R}, {BATCH} x {SEQ}, {WARMUP} warm-up + {steps} timed steps, "
-          f"{_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"GLM-241M LoRA r={LORA_R}, {BATCH} x {SEQ}, {WARMUP} warm-up + {steps} timed steps (median), "
+          f"{_cpu_name()}, {os.cpu_count()} cores{', capped at AVX2 without bf16' if avx2 else ''}, "
+          f"torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"matmul peak: bf16 {peak['bfloat16']:.0f} GFLOP/s, fp32 {peak['float32']:.0f} GFLOP/s; "
-          f"4·N·T bound at the bf16 peak: {bf16_peak / (4 * n_linear):.0f} tok/s")
-    print("| run | fixed tok/s | vs A | % bf16 peak | peak RSS GB | variable eff. tok/s | vs A |")
+          f"glmtune computes in {dtype}: 4·N·T bound {bound / (4 * n_linear):.0f} tok/s")
+    print(f"| run | fixed tok/s | vs A | % of {dtype} bound | peak RSS GB | variable eff. tok/s | vs A |")
     print("|---|---|---|---|---|---|---|")
-    for k in "ABC":
+    for k in kinds:
         print(f"| {k}. {names[k]} | {f(k)['tok_s']:.0f} | {f(k)['tok_s'] / f('A')['tok_s']:.2f}× "
               f"| {100 * frac[k]:.1f} % | {f(k)['rss_gb']:.2f} | {v(k)['eff_tok_s']:.0f} "
               f"| {v(k)['eff_tok_s'] / v('A')['eff_tok_s']:.2f}× |")
     result = {
-        "machine": f"{_cpu_name()}, {os.cpu_count()} cores",
-        "steps": steps, "n_linear": n_linear,
-        "peak_gflops_bf16": peak["bfloat16"], "peak_gflops_fp32": peak["float32"],
-        **{f"tok_s_{k}": f(k)["tok_s"] for k in "ABC"},
-        "ratio_C_A": round(f("C")["tok_s"] / f("A")["tok_s"], 3),
-        "ratio_C_B": round(f("C")["tok_s"] / f("B")["tok_s"], 3),
+        "machine": f"{_cpu_name()}, {os.cpu_count()} cores", "isa_cap": "avx2" if avx2 else None,
+        "steps": steps, "warmup": WARMUP, "n_linear": n_linear,
+        "peak_gflops_bf16": peak["bfloat16"], "peak_gflops_fp32": peak["float32"], "bound_dtype": dtype,
+        **{f"tok_s_{k}": f(k)["tok_s"] for k in kinds},
+        **{f"ratio_C_{k}": round(f("C")["tok_s"] / f(k)["tok_s"], 3) for k in kinds if k != "C"},
+        "ratio_C_fastest_baseline": round(f("C")["tok_s"] / f(fastest)["tok_s"], 3),
         "peak_frac_C": round(frac["C"], 4),
-        **{f"rss_{k}": f(k)["rss_gb"] for k in "ABC"},
-        "rss_ratio_C_B": round(f("C")["rss_gb"] / f("B")["rss_gb"], 3),
-        **{f"eff_tok_s_{k}": v(k)["eff_tok_s"] for k in "ABC"},
-        "eff_ratio_C_A": round(v("C")["eff_tok_s"] / v("A")["eff_tok_s"], 3),
-        "eff_ratio_C_B": round(v("C")["eff_tok_s"] / v("B")["eff_tok_s"], 3),
+        **{f"rss_{k}": f(k)["rss_gb"] for k in kinds},
+        "rss_ratio_C_fastest_baseline": round(f("C")["rss_gb"] / f(fastest)["rss_gb"], 3),
+        **{f"eff_tok_s_{k}": v(k)["eff_tok_s"] for k in kinds},
+        **{f"eff_ratio_C_{k}": round(v("C")["eff_tok_s"] / v(k)["eff_tok_s"], 3)
+           for k in kinds if k != "C"},
         **({"tok_s_C_compile": f("C+compile")["tok_s"],
             "compile_first_step_s": f("C+compile")["first_step_s"]} if "fixed-C+compile" in results else {}),
         "seconds": round(time.perf_counter() - started, 1),

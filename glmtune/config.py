@@ -119,9 +119,11 @@ class TrainConfig:
                                         make="GRADIENT_CHECKPOINTING", default=False)
     threads: int | None = _opt("CPU threads for torch/OMP/MKL (default: physical cores)",
                                make="NUM_THREADS")
-    fused: bool = _opt("fast path: fused LoRA, RMSNorm and head + loss kernels where the model "
-                       "allows (--no-fused runs PEFT's reference layers and full logits)",
-                       make="FUSED", default=True)
+    fused: bool | None = _opt("fast path: fused LoRA, RMSNorm and head + loss kernels where the "
+                              "model allows (--no-fused runs PEFT's reference layers and full "
+                              "logits); unset: on for CPU training, off on CUDA, where SDPA "
+                              "attention keeps no probabilities and no GPU benchmark has shown "
+                              "the kernels help yet", make="FUSED")
     strategy: str = _opt("how several processes share the work: auto (DDP, or what an "
                          "`accelerate launch --config_file` asked for), ddp, fsdp (PyTorch FSDP2), "
                          "zero2 or zero3 (DeepSpeed ZeRO)", make="STRATEGY",

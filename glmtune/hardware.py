@@ -96,6 +96,12 @@ def _gpus() -> tuple[Gpu, ...]:
     return tuple(found)
 
 
+# GLMTUNE_CPU_ISA=avx2 makes glmtune plan as on a CPU without AVX-512 and bf16 (most
+# laptops), e.g. to measure that case on a bigger CPU together with oneDNN's and
+# MKL's own caps (ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2).
+_ABOVE_AVX2 = ("avx512", "amx", "bf16")
+
+
 def _cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
     try:
         text = cpuinfo.read_text()
@@ -103,7 +109,10 @@ def _cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
         return frozenset()
     for line in text.splitlines():
         if line.startswith(("flags", "Features")):
-            return frozenset(line.split(":", 1)[1].split())
+            flags = frozenset(line.split(":", 1)[1].split())
+            if os.environ.get("GLMTUNE_CPU_ISA", "").lower() == "avx2":
+                flags = frozenset(f for f in flags if not f.startswith(_ABOVE_AVX2))
+            return flags
     return frozenset()
 
 

@@ -65,3 +65,12 @@ def test_detect_reports_this_machine():
     assert 1 <= hw.physical_cores <= hw.logical_cores
     assert hw.total_ram > 0 and 0 <= hw.available_ram <= hw.total_ram
     assert hw.device == ("cuda" if hw.cuda_devices else "cpu")
+
+
+def test_an_avx2_cap_hides_bf16_and_avx512(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(SAPPHIRE_RAPIDS + "\n")
+    monkeypatch.setenv("GLMTUNE_CPU_ISA", "avx2")
+    flags = hardware._cpu_flags(cpuinfo)
+    assert "avx2" in flags and not any(f.startswith(("avx512", "amx")) for f in flags)
+    assert not Hardware(physical_cores=2, logical_cores=2, cpu_flags=flags).cpu_bf16

@@ -95,11 +95,12 @@ class FineTuner:
             self.model.to(torch.device(plan.device))
         if cfg.neftune_alpha:
             _add_embedding_noise(self.model, cfg.neftune_alpha)
-        if cfg.fused and self.strategy == "zero3":
+        use_fused = cfg.fused if cfg.fused is not None else plan.device == "cpu"
+        if use_fused and self.strategy == "zero3":
             # ZeRO-3 gathers each weight in its module's forward hook; the kernels read
             # weights across modules, so they would see empty shards
             log.info("fast path off under DeepSpeed ZeRO-3 (reference layers)")
-        elif cfg.fused:
+        elif use_fused:
             self.fused_head, parts = fused.install(self.model)
             log.info("fast path: fused %s", ", ".join(parts) or "nothing (reference layers for this model)")
 

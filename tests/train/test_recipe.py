@@ -37,6 +37,7 @@ def test_cli_run_writes_exactly_the_expected_artifacts(run_cli, tiny_model, trip
     saved = yaml.safe_load((out / "glmtune_config.yaml").read_text())
     assert saved["template"] == "glm4" and saved["max_steps"] == 2
     assert "loaded 40 rows from" in err and "trainable params:" in err
+    assert "fast path: fused" in err  # on by default for CPU training
     assert "adapter saved to" in stdout
     assert not list(tmp_path.glob(".*tmp*")), "staging directories must not be left behind"
 
