@@ -76,6 +76,9 @@ class TrainConfig:
     max_grad_norm: float = _opt("gradient clipping norm (0 disables)", default=1.0)
     max_seq_len: int = _opt("longer rows are truncated (and counted in the log)",
                             make="MAX_SEQ_LEN", default=256)
+    packing: bool = _opt("pack several rows into each sequence of --max-seq-len tokens (position "
+                         "ids restart per row, attention stays within each row): no padding, "
+                         "fewer and fuller steps", make="PACKING", default=False)
     group_by_length: bool = _opt("batch rows of similar length together (shuffled in groups of "
                                  "steps): less padding, faster on mixed lengths, but less varied "
                                  "batches (off by default: it cost the triplet job F1)",

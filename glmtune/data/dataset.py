@@ -129,3 +129,33 @@ def collate(rows: list[Encoded], pad_id: int):
         labels[i, :n] = torch.tensor(row.labels)
         mask[i, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def collate_packed(sequences: list[list[Encoded]], pad_id: int):
+    """Several rows per sequence, each attending only to itself (``packing``).
+
+    Position ids restart at every row; with no attention mask, transformers
+    reads the restarts as row boundaries and masks attention across them. The
+    first label of each row is not trained: it would be predicted from the end
+    of the row before. The padding at the end counts as one more row, trained
+    on nothing. ``attention_mask`` marks real tokens for counting only.
+    """
+    import torch
+
+    longest = max(sum(len(r.input_ids) for r in rows) for rows in sequences)
+    width = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(sequences), width), dtype=torch.long)
+    real = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, rows in enumerate(sequences):
+        at = 0
+        for row in rows:
+            n = len(row.input_ids)
+            ids[i, at:at + n] = torch.tensor(row.input_ids)
+            labels[i, at + 1:at + n] = torch.tensor(row.labels[1:])
+            positions[i, at:at + n] = torch.arange(n)
+            at += n
+        real[i, :at] = 1
+        positions[i, at:] = torch.arange(width - at)
+    return {"input_ids": ids, "labels": labels, "position_ids": positions, "attention_mask": real}

@@ -25,11 +25,13 @@ from typing import Callable, Sequence
 from glmtune import hardware
 from glmtune.config import TrainConfig, save_yaml
 from glmtune.data import dataset
+from glmtune.data.sampler import Sampler
 from glmtune.errors import GlmtuneError
 from glmtune.model import fused, load, lora, tiny_glm
 from glmtune.model.family import Family, detect_family, template_override
 from glmtune.plan import Plan, halve_batch, plan_for_model
 from glmtune.train import artifacts, checkpoint, distributed, faults, monitor
+from glmtune.train.loss import summed_loss
 from glmtune.hardware import GB
 from glmtune.train.monitor import MemoryMonitor
 
@@ -236,7 +238,7 @@ class _Fit:
             raise GlmtuneError(f"{self.cfg.data}: {rows} training rows cannot feed "
                                f"{self.dist.world} processes; use fewer processes or more data")
         self.global_batch = self.cfg.batch_size * self.dist.world
-        self.steps_per_epoch = max(1, math.ceil(math.ceil(rows / self.global_batch) / self.cfg.grad_accum))
+        self.steps_per_epoch = self._sampler().steps_per_epoch()
         self.total_steps = self.cfg.max_steps or max(1, math.ceil(self.cfg.epochs * self.steps_per_epoch))
         self.eval_every = self.cfg.eval_steps or max(1, self.total_steps // 5)
         self.save_every = self.cfg.save_steps or self.steps_per_epoch
@@ -378,31 +380,25 @@ class _Fit:
         progress = (step - warmup) / max(1, self.total_steps - warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    def _batches(self, rows_seen: int):
-        """Endless micro-batches from data position ``rows_seen``.
+    def _sampler(self) -> Sampler:
+        cfg = self.cfg
+        return Sampler([len(r.input_ids) for r in self.tuner.train_set.rows], seed=cfg.seed,
+                       micro_batch=cfg.batch_size, grad_accum=cfg.grad_accum, world=self.dist.world,
+                       rank=self.dist.rank, group_by_length=cfg.group_by_length,
+                       pack_len=cfg.max_seq_len if cfg.packing else None)
 
-        Epoch e is shuffled with seed + e, so the order is reproducible, and a
-        resumed run (even with another micro-batch size) sees the same rows.
-        """
+    def _batches(self, rows_seen: int):
+        """Endless (micro-batch, rows consumed by all processes) from data position ``rows_seen``."""
         rows = self.tuner.train_set.rows
-        size, rank = self.cfg.batch_size * self.dist.world, self.dist.rank
-        epoch, offset = divmod(rows_seen, len(rows))
-        while True:
-            order = dataset.epoch_order([len(r.input_ids) for r in rows], seed=self.cfg.seed,
-                                        epoch=epoch, step_rows=size * self.cfg.grad_accum,
-                                        group_by_length=self.cfg.group_by_length)
-            for start in range(offset, len(rows), size):
-                global_chunk = order[start:start + size]
-                # this rank's contiguous slice; at an epoch's ragged end a rank may get
-                # none: it then runs one fully masked row, which trains nothing but keeps
-                # it in step with the others' gradient all-reduce
-                per_rank = -(-len(global_chunk) // self.dist.world)
-                mine = [rows[i] for i in global_chunk[rank * per_rank:(rank + 1) * per_rank]]
-                if not mine:
-                    first = rows[global_chunk[0]]
-                    mine = [dataset.Encoded(first.input_ids, [dataset.IGNORE_INDEX] * len(first.input_ids))]
-                yield dataset.collate(mine, self.pad_id), len(global_chunk)
-            epoch, offset = epoch + 1, 0
+        for units, consumed in self._sampler().micro_batches(rows_seen):
+            if not units:  # this process's share of a ragged end: one row that trains nothing
+                idle = dataset.Encoded(rows[0].input_ids, [dataset.IGNORE_INDEX] * len(rows[0].input_ids))
+                yield dataset.collate([idle], self.pad_id), consumed
+            elif self.cfg.packing:
+                yield dataset.collate_packed([[rows[i] for i in unit] for unit in units],
+                                             self.pad_id), consumed
+            else:
+                yield dataset.collate([rows[unit[0]] for unit in units], self.pad_id), consumed
 
     def _on_memory_guard(self, memory, guard: int, batches):
         cfg = self.cfg
@@ -446,23 +442,12 @@ class _Fit:
         return loss_sum, int(tokens), rows
 
     def _loss_sum(self, batch):
-        """Summed cross-entropy over trained tokens (fp32), so micro-batches weigh by tokens."""
-        import contextlib
-
         import torch
 
         batch = {k: v.to(self.device) for k, v in batch.items()}
         model = self.train_model if torch.is_grad_enabled() else self.model
-        labels = batch["labels"][:, 1:]
-        head = self.tuner.fused_head
         with torch.autocast(**self.autocast):
-            with fused.head_bypassed(head) if head is not None else contextlib.nullcontext():
-                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            if head is not None:  # ``out`` holds hidden states: head and loss in one kernel
-                return fused.linear_cross_entropy(out[:, :-1], head.weight, labels, dataset.IGNORE_INDEX)
-        keep = labels != dataset.IGNORE_INDEX  # prompt positions never reach the fp32 copy
-        return torch.nn.functional.cross_entropy(out[:, :-1][keep].float(), labels[keep],
-                                                 reduction="sum")
+            return summed_loss(model, batch, self.tuner.fused_head)
 
     def _evaluate(self, step: int) -> float:
         import torch

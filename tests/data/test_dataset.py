@@ -41,10 +41,3 @@ def test_steps_are_shuffled_and_the_ragged_step_comes_last():
     for s in range(0, 16 * 40, 16):
         step = [lengths[i] for i in order[s:s + 16]]
         assert step == sorted(step, reverse=True)
-
-
-def test_order_depends_on_the_step_not_on_how_it_is_split():
-    """A resume with micro-batch 4 x accumulation 4 sees what 16 x 1 would have seen."""
-    lengths = _lengths()
-    assert (dataset.epoch_order(lengths, seed=5, epoch=2, step_rows=16, group_by_length=True)
-            == dataset.epoch_order(lengths, seed=5, epoch=2, step_rows=4 * 4, group_by_length=True))
