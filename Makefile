@@ -102,6 +102,7 @@ bench: setup
 	$(BIN)/python bench/throughput.py
 
 test: setup
+	$(BIN)/ruff check glmtune tests bench examples
 	$(BIN)/python -m pytest -m "not gpu" -q
 
 test-fast: setup

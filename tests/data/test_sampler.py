@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import random
 
 import pytest
@@ -85,5 +86,5 @@ def test_steps_per_epoch_counts_packed_sequences():
     lengths = _lengths()
     plain = Sampler(lengths, seed=0, micro_batch=4, grad_accum=2)
     packed = Sampler(lengths, seed=0, micro_batch=4, grad_accum=2, pack_len=256)
-    assert plain.steps_per_epoch() == -(-(-(-len(lengths) // 4)) // 2)
+    assert plain.steps_per_epoch() == math.ceil(math.ceil(len(lengths) / 4) / 2)
     assert packed.steps_per_epoch() < plain.steps_per_epoch() / 2
