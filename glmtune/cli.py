@@ -54,12 +54,21 @@ def config_from_args(args: argparse.Namespace, cls: type):
         if problem:
             problems.append(problem)
     if problems:
+        try:  # the flags that did parse are checked too, so one run shows every problem
+            problems += cls(**{k: v for k, v in values.items() if k not in _bad(problems)}).problems()
+        except TypeError:
+            pass
         raise ConfigError(problems, "command-line flags")
     layers.append(values)
     if cls is cfg.TrainConfig:
         preset = next((layer["preset"] for layer in reversed(layers) if "preset" in layer), "none")
         return cls.from_preset(preset, *layers)
     return cfg.build_config(cls, *layers)
+
+
+def _bad(problems: list[str]) -> set[str]:
+    """Field names the problems are about (each problem starts with 'name:')."""
+    return {p.split(":", 1)[0] for p in problems}
 
 
 def _field(cls, name):

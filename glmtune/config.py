@@ -501,18 +501,42 @@ def load_yaml(path: str | os.PathLike, cls: type = None) -> dict[str, Any]:
     return _collect(cls or TrainConfig, raw, f"in {path}")
 
 
+# Keys people bring from HF TrainingArguments and LLaMA-Factory configs, read as ours.
+ALIASES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum", "cutoff_len": "max_seq_len", "lora_rank": "lora_r",
+    "lora_target": "target_modules", "model_name_or_path": "model", "max_source_length": "max_seq_len",
+}
+
+
 def _collect(cls: type, raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """Field values from a YAML mapping; every unknown key, wrong type and bad value in one error."""
+    import logging
+
     known = {f.name for f in fields(cls)}
-    values, found = {}, []
+    values, found, given = {}, [], {}
     for key, value in raw.items():
-        if key not in known:
+        name = ALIASES.get(str(key), key) if key not in known else key
+        if name not in known:
             hint = _closest(str(key), known)
             found.append(f"{key}: unknown key ({source})" + (f"; did you mean '{hint}'?" if hint else ""))
             continue
-        values[key], problem = coerce(cls, key, value, source)
+        if name in given:  # an alias and our own name, in either order
+            found.append(f"{key}: sets {name} again (also set as '{given[name]}') ({source})")
+            continue
+        if name != key:
+            logging.getLogger("glmtune").info("%s: read '%s' as '%s'", source, key, name)
+        given[name] = key
+        values[name], problem = coerce(cls, name, value, source)
         if problem:
             found.append(problem)
+            del values[name]
     if found:
+        # the values that did parse are checked too, so one run shows every problem
+        try:
+            found += [f"{p} ({source})" for p in cls(**values).problems()]
+        except TypeError:  # a config whose fields cannot be built without the bad ones
+            pass
         raise ConfigError(found, source.removeprefix("in "))
     return values
 

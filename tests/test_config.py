@@ -133,3 +133,39 @@ def test_strategy_auto_follows_the_accelerate_launch_environment(monkeypatch):
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     assert resolve_strategy("auto") == "zero3"
     assert resolve_strategy("fsdp") == "fsdp"  # an explicit choice wins
+
+
+def test_type_and_value_problems_are_reported_together(tmp_path):
+    yaml_file = tmp_path / "bad.yaml"
+    yaml_file.write_text("epochs: -1\nbatch_size: 0\nlr: zero\n")
+    with pytest.raises(ConfigError) as caught:
+        parse(["--config", str(yaml_file)])
+    about = sorted(p.split(":", 1)[0] for p in caught.value.problems)
+    assert about == ["batch_size", "epochs", "lr"]
+    assert all(str(yaml_file) in p for p in caught.value.problems)
+
+
+def test_flags_report_type_and_value_problems_together():
+    with pytest.raises(ConfigError) as caught:
+        parse(["--epochs", "-1", "--lr", "zero"])
+    assert sorted(p.split(":", 1)[0] for p in caught.value.problems) == ["epochs", "lr"]
+
+
+def test_keys_from_hf_and_llama_factory_configs_are_read_as_ours(tmp_path, caplog):
+    yaml_file = tmp_path / "hf.yaml"
+    yaml_file.write_text("learning_rate: 1.0e-4\nnum_train_epochs: 2\nper_device_train_batch_size: 4\n"
+                         "gradient_accumulation_steps: 8\ncutoff_len: 512\nlora_rank: 8\n")
+    with caplog.at_level("INFO", logger="glmtune"):
+        config = parse(["--config", str(yaml_file)])
+    assert (config.lr, config.epochs, config.batch_size, config.grad_accum, config.max_seq_len,
+            config.lora_r) == (1e-4, 2, 4, 8, 512, 8)
+    assert "read 'learning_rate' as 'lr'" in caplog.text
+
+
+@pytest.mark.parametrize("text, message", [("lr: 1.0e-3\nlearning_rate: 1.0e-4\n", "learning_rate: sets lr"),
+                                           ("learning_rate: 1.0e-4\nlr: 1.0e-3\n", "lr: sets lr")])
+def test_an_alias_and_our_own_key_for_the_same_field_are_refused(text, message, tmp_path):
+    yaml_file = tmp_path / "both.yaml"
+    yaml_file.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        parse(["--config", str(yaml_file)])
