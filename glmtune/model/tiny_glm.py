@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -56,18 +57,22 @@ def default_dir() -> Path:
     return Path(os.environ.get("GLMTUNE_MODELS_DIR", "models")) / NAME
 
 
-def _training_text() -> list[str]:
-    """Bundled text plus the synthetic task's sentences, so the task's words get merges."""
-    from glmtune.data import triplets
+@lru_cache(maxsize=1)
+def _training_text() -> tuple[str, ...]:
+    """Bundled text plus the synthetic task's sentences, so the task's words get merges.
 
-    corpus = resources.files("glmtune.model").joinpath("assets/corpus.txt").read_text("utf-8")
+    The task's 1,000 rows (``glmtune data triplets --train 900 --val 100`` with
+    seed 1234, prompt and response joined) are stored with the model rather
+    than generated here: the model stage depends on nothing of the data stage.
+    """
+    assets = resources.files("glmtune.model").joinpath("assets")
+    corpus = assets.joinpath("corpus.txt").read_text("utf-8")
     lines = [line for line in corpus.splitlines() if line.strip()]
-    train, val = triplets.generate(n_train=900, n_val=100, seed=SPEC["seed"])  # fixed: same tokenizer
-    lines += [row["prompt"] + "\n" + row["response"] for row in train + val]
-    return lines
+    task = assets.joinpath("task_text.jsonl").read_text("utf-8")
+    return tuple(lines + [json.loads(line) for line in task.splitlines()])
 
 
-def _fingerprint(lines: list[str]) -> str:
+def _fingerprint(lines) -> str:
     digest = hashlib.sha256(json.dumps(SPEC, sort_keys=True).encode())
     for line in lines:
         digest.update(line.encode("utf-8"))
@@ -89,7 +94,7 @@ def is_built(path: Path) -> bool:
         return False
 
 
-def build_tokenizer(lines: list[str]):
+def build_tokenizer(lines):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
