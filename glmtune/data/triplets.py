@@ -17,11 +17,11 @@ set, so the output depends only on the seed.
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from glmtune import atomic
 
 INSTRUCTION = "请从以下文本中抽取三元组，格式为(主体, 关系, 客体):\n{text}"
 NO_TRIPLET = "无"
@@ -520,20 +520,7 @@ def generate(n_train: int = DEFAULT_TRAIN_ROWS, n_val: int = DEFAULT_VAL_ROWS, s
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic.write_lines(path, (json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def write(out_dir, n_train: int = DEFAULT_TRAIN_ROWS, n_val: int = DEFAULT_VAL_ROWS, seed: int = 42) -> tuple[Path, Path]:

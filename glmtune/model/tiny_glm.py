@@ -17,11 +17,11 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+
+from glmtune import atomic
 
 log = logging.getLogger(__name__)
 
@@ -149,16 +149,10 @@ def build(path: str | os.PathLike | None = None, force: bool = False) -> Path:
         torch.manual_seed(SPEC["seed"])
         model = GlmForCausalLM(config)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic.staging_dir(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / SPEC_FILE).write_text(json.dumps({"spec": SPEC, "fingerprint": fingerprint},
                                                 indent=2))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic.replace_dir(tmp, path)
     return path
