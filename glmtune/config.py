@@ -407,6 +407,62 @@ class ExportConfig:
         return self.out or str(self.adapter).rstrip("/\\") + "-merged"
 
 
+@dataclass
+class ServeConfig(_LoadedModel):
+    """An OpenAI-compatible HTTP API over a base model and its adapters."""
+
+    adapter: str = _same(PredictConfig, "adapter", help=(
+        "adapter directories to serve, comma-separated; each is a model named after its "
+        "directory (NAME=DIR names it); the bare base is served too ('' serves only the base)"))
+    host: str = _opt("address to listen on (127.0.0.1: this machine only; 0.0.0.0: every "
+                     "network the machine is on)", make="HOST", default="127.0.0.1")
+    port: int = _opt("TCP port", make="PORT", default=8000)
+    api_key: str | None = _opt("require `Authorization: Bearer KEY` on every endpoint but "
+                               "/health (default: the GLMTUNE_API_KEY environment variable; "
+                               "neither: no key needed)", make="API_KEY")
+    queue_size: int = _opt("requests that may wait for the model; more are answered 429 with "
+                           "Retry-After", make="QUEUE_SIZE", default=32)
+    batch_size: int = _opt("greedy requests for the same model generated together (1: one at "
+                           "a time; under bf16 a batched answer can differ from the same "
+                           "request alone at a near-tie)", make="SERVE_BATCH_SIZE", default=8)
+    max_new_tokens: int = _same(PredictConfig, "max_new_tokens", help=(
+        "longest answer in tokens when a request gives no max_tokens"), default=256)
+    log_prompts: bool = _opt("log each request's messages and answer (off: only sizes and "
+                             "timings are logged)", make="LOG_PROMPTS", default=False)
+    quant: str = _same(PredictConfig, "quant")
+    bf16: str = _same(PredictConfig, "bf16")
+    threads: int | None = _same(PredictConfig, "threads")
+
+    def problems(self) -> list[str]:
+        found = _inference_problems(self)
+        for name in ("queue_size", "batch_size"):
+            if getattr(self, name) < 1:
+                found.append(f"{name}: must be a positive integer, got {getattr(self, name)}")
+        if not 1 <= self.port <= 65535:
+            found.append(f"port: must be in 1..65535, got {self.port}")
+        if not self.host.strip():
+            found.append("host: must not be empty")
+        names = [name for name, _ in self.adapters]
+        for name in sorted({n for n in names if names.count(n) > 1}):
+            found.append(f"adapter: two adapters are served as {name!r}; name them: NAME=DIR")
+        if not self.adapters and not self.model:
+            found.append("adapter / model: give adapter directories, or a --model to serve bare")
+        return found
+
+    validate = TrainConfig.validate
+
+    @property
+    def adapters(self) -> list[tuple[str, str]]:
+        """(served model name, directory) of each adapter, in the order given."""
+        found = []
+        for item in (part.strip() for part in self.adapter.split(",")):
+            if item:
+                name, sep, path = item.partition("=")
+                name, path = (name, path.strip()) if sep else ("", item)
+                found.append((name.strip() or Path(path.rstrip("/\\")).name, path))
+        return found
+
+
 # --------------------------------------------------------------------------
 # Deriving front ends from the schema
 # --------------------------------------------------------------------------

@@ -50,9 +50,8 @@ class Predictor:
 
         source = self.source = load.resolve(model_name)
         self.tokenizer = load.load_tokenizer(source, trust)
-        family = detect_family(source.config, self.tokenizer, source.path)
-        template = config.template if config.template != "auto" else trained.get("template", "auto")
-        self.family = family if template == "auto" else template_override(family, template)
+        self.base_family = detect_family(source.config, self.tokenizer, source.path)
+        self.family = self.family_for(trained)
         quantized = config.quant != "none"  # bitsandbytes places a quantized model itself
         model = load.load_model(
             source, trust_remote_code=trust,
@@ -62,6 +61,21 @@ class Predictor:
             model = _attach_adapter(model, config.adapter)
         self.model = (model if quantized else model.to(self.device)).eval()
         self.stop_ids = stop_token_ids(self.family.template, self.tokenizer)
+
+    def family_for(self, trained: dict):
+        """The family (prompt format) for an adapter trained with settings ``trained``:
+        --template, else the one it was trained with, else the base model's own."""
+        template = (self.config.template if self.config.template != "auto"
+                    else trained.get("template", "auto"))
+        return self.base_family if template == "auto" else template_override(self.base_family,
+                                                                              template)
+
+    def add_adapter(self, adapter: str, name: str):
+        """Load one more adapter onto the same base (serve); returns its family. It becomes
+        active with ``self.model.set_adapter(name)``."""
+        trained = adapter_training_config(adapter)
+        self.model = _attach_adapter(self.model, adapter, name).eval()
+        return self.family_for(trained)
 
     def prompt_ids(self, prompt: str, history: Sequence[tuple[str, str]] = ()) -> list[int]:
         messages = []
@@ -322,11 +336,15 @@ def _adapter_base(adapter: str) -> str:
                            "pass --model") from exc
 
 
-def _attach_adapter(model, adapter: str):
+def _attach_adapter(model, adapter: str, name: str = "default"):
+    """``model`` with the adapter in ``adapter`` added under ``name`` (a PeftModel)."""
     from peft import PeftModel
 
     try:
-        return PeftModel.from_pretrained(model, adapter)
+        if isinstance(model, PeftModel):
+            model.load_adapter(adapter, adapter_name=name)
+            return model
+        return PeftModel.from_pretrained(model, adapter, adapter_name=name)
     except RuntimeError as exc:
         if "size mismatch" in str(exc):
             raise GlmtuneError(f"{adapter}: this adapter was trained for a different base model "
