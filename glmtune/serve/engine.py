@@ -83,8 +83,8 @@ class Engine:
         self._pending: deque[Job] = deque()
         self._wake = threading.Condition()
         self._closing = False
-        self.running = 0
-        self.served = self.cancelled = self.rejected = 0
+        self._batch: list[Job] = []
+        self.served = self.cancelled = self.rejected = self.largest_batch = 0
         self._seconds_per_job = 1.0  # running estimate, for Retry-After
         self._worker = threading.Thread(target=self._work, name="glmtune-serve", daemon=True)
         self._worker.start()
@@ -114,39 +114,45 @@ class Engine:
     def health(self) -> dict:
         with self._wake:
             return {"status": "ok", "models": list(self.models), "queued": len(self._pending),
-                    "running": self.running, "queue_size": self.config.queue_size,
+                    "running": len(self._batch), "queue_size": self.config.queue_size,
                     "served": self.served, "cancelled": self.cancelled,
-                    "rejected": self.rejected}
+                    "rejected": self.rejected, "largest_batch": self.largest_batch}
 
     def close(self) -> None:
         with self._wake:
             self._closing = True
+            for job in self._batch:
+                job.cancelled.set()
             self._wake.notify()
         self._worker.join(timeout=60)
 
     # -------------------------------------------------------------- worker
     def _next_batch(self) -> list[Job]:
-        """The oldest job, plus waiting greedy jobs for the same model when it is greedy."""
+        """The oldest job, plus waiting greedy jobs for the same model when it is greedy;
+        [] when the engine closes."""
         with self._wake:
-            while not self._pending and not self._closing:
-                self._wake.wait()
-            if self._closing:
-                return []
-            first = self._pending.popleft()
-            batch = [first]
-            if first.sampling.greedy:
-                for job in list(self._pending):
-                    if len(batch) >= self.config.batch_size:
-                        break
-                    if job.model is first.model and job.sampling.greedy:
-                        self._pending.remove(job)
-                        batch.append(job)
-            # A client that left while waiting is dropped here, before any work.
-            for job in [j for j in batch if j.cancelled.is_set()]:
-                batch.remove(job)
-                self.cancelled += 1
-                job.on_done(Answer("", len(job.ids), 0, "cancelled"))
-            self.running = len(batch)
+            batch: list[Job] = []
+            while not batch:
+                while not self._pending and not self._closing:
+                    self._wake.wait()
+                if self._closing:
+                    return []
+                first = self._pending.popleft()
+                batch = [first]
+                if first.sampling.greedy:
+                    for job in list(self._pending):
+                        if len(batch) >= self.config.batch_size:
+                            break
+                        if job.model is first.model and job.sampling.greedy:
+                            self._pending.remove(job)
+                            batch.append(job)
+                # A client that left while waiting is dropped here, before any work.
+                for job in [j for j in batch if j.cancelled.is_set()]:
+                    batch.remove(job)
+                    self.cancelled += 1
+                    job.on_done(Answer("", len(job.ids), 0, "cancelled"))
+            self._batch = batch
+            self.largest_batch = max(self.largest_batch, len(batch))
             return batch
 
     def _work(self) -> None:
@@ -158,7 +164,7 @@ class Engine:
                 log.exception("generation failed")
                 answers = [exc] * len(batch)
             with self._wake:
-                self.running = 0
+                self._batch = []
                 for job, answer in zip(batch, answers):
                     cancelled = isinstance(answer, Answer) and answer.finish_reason == "cancelled"
                     self.cancelled += cancelled
