@@ -14,6 +14,9 @@ from glmtune.data.sample import Message
 from glmtune.infer.predict import Predictor, Sampling
 from tests.serve.conftest import start_server, stop_server
 
+# One server process for the module; starting it (model load) is what makes these slow.
+pytestmark = pytest.mark.slow
+
 MAX = 8  # max_tokens of the comparisons: short answers keep the suite fast
 MODELS = ["a", "b", "tiny-glm"]
 
