@@ -23,14 +23,40 @@ def serve(config: ServeConfig) -> None:
     from glmtune.serve.engine import Engine
 
     api_key = config.api_key or os.environ.get("GLMTUNE_API_KEY") or None
-    engine = Engine(config)
+    sock = _bind(config.host, config.port)  # a taken port fails before the slow model load
     try:
-        app = create_app(engine, api_key)
+        engine = Engine(config)
+    except BaseException:
+        sock.close()
+        raise
+    try:
         print(banner(config, engine, api_key is not None), flush=True)
-        uvicorn.run(app, host=config.host, port=config.port, log_level="warning",
-                    access_log=False)
+        # A stream still running at Ctrl-C gets a few seconds, then the server stops.
+        server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key), log_level="warning",
+                                               access_log=False, timeout_graceful_shutdown=5))
+        server.run(sockets=[sock])
     finally:
         engine.close()
+
+
+def _bind(host: str, port: int):
+    """The listening socket: a taken port is an error naming it, not a traceback."""
+    import socket
+
+    from glmtune.errors import GlmtuneError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        raise GlmtuneError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick "
+                           "another --port (Make: PORT=) or --host") from exc
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
 
 
 def banner(config: ServeConfig, engine, keyed: bool) -> str:

@@ -24,7 +24,7 @@ from glmtune.config import PredictConfig, ServeConfig
 from glmtune.data.sample import Message
 from glmtune.data.templates import encode_prompt, stop_token_ids
 from glmtune.errors import GlmtuneError
-from glmtune.infer.predict import Answer, Predictor, Sampling
+from glmtune.infer.predict import Answer, Predictor, Sampling, adapter_training_config
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,14 @@ class Job:
 class Engine:
     def __init__(self, config: ServeConfig):
         adapters = config.adapters
+        problems = []
+        for _, path in adapters:  # every bad directory in one error, before loading anything
+            try:
+                adapter_training_config(path)
+            except GlmtuneError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise GlmtuneError("\n".join(problems))
         first = adapters[0][1] if adapters else ""
         self.config = config
         self.predictor = predictor = Predictor(PredictConfig(
