@@ -415,11 +415,11 @@ class ServeConfig(_LoadedModel):
         "adapter directories to serve, comma-separated; each is a model named after its "
         "directory (NAME=DIR names it); the bare base is served too ('' serves only the base)"))
     host: str = _opt("address to listen on (127.0.0.1: this machine only; 0.0.0.0: every "
-                     "network the machine is on)", make="HOST", default="127.0.0.1")
+                     "network the machine is on)", make="SERVE_HOST", default="127.0.0.1")
     port: int = _opt("TCP port", make="PORT", default=8000)
     api_key: str | None = _opt("require `Authorization: Bearer KEY` on every endpoint but "
                                "/health (default: the GLMTUNE_API_KEY environment variable; "
-                               "neither: no key needed)", make="API_KEY")
+                               "neither: no key needed)", make="GLMTUNE_API_KEY")
     queue_size: int = _opt("requests that may wait for the model; more are answered 429 with "
                            "Retry-After", make="QUEUE_SIZE", default=32)
     batch_size: int = _opt("greedy requests for the same model generated together (1: one at "

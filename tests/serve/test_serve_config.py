@@ -52,6 +52,6 @@ def test_a_taken_port_is_an_error_not_a_traceback(run_cli, tiny_model):
 def test_options_reach_the_cli_and_make(run_cli):
     code, out, _ = run_cli("config", "--make-vars")
     assert code == 0
-    for var in ("HOST", "PORT", "API_KEY", "QUEUE_SIZE", "SERVE_BATCH_SIZE", "LOG_PROMPTS"):
+    for var in ("SERVE_HOST", "PORT", "GLMTUNE_API_KEY", "QUEUE_SIZE", "SERVE_BATCH_SIZE", "LOG_PROMPTS"):
         assert f"  {var} " in out
 
