@@ -73,10 +73,9 @@ def banner(config: ServeConfig, engine, keyed: bool) -> str:
     key = 'os.environ["GLMTUNE_API_KEY"]' if keyed else '"none"'
     lines = [
         f"glmtune serve: {url}  (listening on {config.host}:{config.port})",
-        f"models: {', '.join(engine.models)}  ({how}the bare base as "
-        f"{engine.base_name!r})",
-        f"queue: {config.queue_size} waiting requests at most, batches of up to "
-        f"{config.batch_size}; prompts {'ARE' if config.log_prompts else 'are not'} logged",
+        f"models: {', '.join(engine.models)}  ({how}the bare base as {engine.base_name!r})",
+        (f"queue: {config.queue_size} waiting requests at most, batches of up to "
+         f"{config.batch_size}; prompts {'ARE' if config.log_prompts else 'are not'} logged"),
     ]
     if keyed:
         lines.append("auth: every endpoint but /health needs the API key "
@@ -88,10 +87,10 @@ def banner(config: ServeConfig, engine, keyed: bool) -> str:
         f"    -d {shlex.quote(body)}",
         "",
         "Python (pip install openai):",
-        "  import os; from openai import OpenAI",
+        ("  import os; " if keyed else "  ") + "from openai import OpenAI",
         f"  client = OpenAI(base_url={url!r}, api_key={key})",
-        f"  reply = client.chat.completions.create(model={model!r}, "
-        "messages=[{'role': 'user', 'content': '你好'}])",
+        (f"  reply = client.chat.completions.create(model={model!r}, "
+         "messages=[{'role': 'user', 'content': '你好'}])"),
         "  print(reply.choices[0].message.content)",
         "",
         "Ctrl-C stops the server.",
