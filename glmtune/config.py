@@ -285,7 +285,7 @@ def _inference_problems(config) -> list[str]:
     found = []
     for name in ("max_new_tokens", "batch_size"):
         value = getattr(config, name, 1)
-        if value < 1:
+        if value is not None and value < 1:  # None: the command picks (serve's batch_size)
             found.append(f"{name}: must be a positive integer, got {value}")
     for name in ("threads", "max_samples"):
         value = getattr(config, name, None)
@@ -422,9 +422,10 @@ class ServeConfig(_LoadedModel):
                                "neither: no key needed)", make="GLMTUNE_API_KEY")
     queue_size: int = _opt("requests that may wait for the model; more are answered 429 with "
                            "Retry-After", make="QUEUE_SIZE", default=32)
-    batch_size: int = _opt("greedy requests for the same model generated together (1: one at "
-                           "a time; under bf16 a batched answer can differ from the same "
-                           "request alone at a near-tie)", make="SERVE_BATCH_SIZE", default=8)
+    batch_size: int | None = _opt("greedy requests for the same model generated together "
+                                  "(default: 8 in float32, 1 under bf16, where a batched "
+                                  "answer can differ from the same request alone at a "
+                                  "near-tie; 1: one at a time)", make="SERVE_BATCH_SIZE")
     max_new_tokens: int = _same(PredictConfig, "max_new_tokens", help=(
         "longest answer in tokens when a request gives no max_tokens"), default=256)
     log_prompts: bool = _opt("log each request's messages and answer (off: only sizes and "
@@ -435,9 +436,8 @@ class ServeConfig(_LoadedModel):
 
     def problems(self) -> list[str]:
         found = _inference_problems(self)
-        for name in ("queue_size", "batch_size"):
-            if getattr(self, name) < 1:
-                found.append(f"{name}: must be a positive integer, got {getattr(self, name)}")
+        if self.queue_size < 1:
+            found.append(f"queue_size: must be a positive integer, got {self.queue_size}")
         if not 1 <= self.port <= 65535:
             found.append(f"port: must be in 1..65535, got {self.port}")
         if not self.host.strip():

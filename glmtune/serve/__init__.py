@@ -75,7 +75,8 @@ def banner(config: ServeConfig, engine, keyed: bool) -> str:
         f"glmtune serve: {url}  (listening on {config.host}:{config.port})",
         f"models: {', '.join(engine.models)}  ({how}the bare base as {engine.base_name!r})",
         (f"queue: {config.queue_size} waiting requests at most, batches of up to "
-         f"{config.batch_size}; prompts {'ARE' if config.log_prompts else 'are not'} logged"),
+         f"{engine.batch_size}{' (bf16: see --batch-size)' if engine.predictor.bf16 else ''}; "
+         f"prompts {'ARE' if config.log_prompts else 'are not'} logged"),
     ]
     if keyed:
         lines.append("auth: every endpoint but /health needs the API key "

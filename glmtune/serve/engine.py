@@ -86,6 +86,8 @@ class Engine:
         self.base_name = _base_name(predictor.source.name, self.models)
         self._add(ServedModel(self.base_name, None, None, base.template,
                               stop_token_ids(base.template, tokenizer)))
+        # Batched greedy answers equal one-at-a-time answers in float32 only (Predictor.run)
+        self.batch_size = config.batch_size or (1 if predictor.bf16 else 8)
         self.context = _context_length(predictor.model.config)
         self.lock = threading.Lock()
         self._pending: deque[Job] = deque()
@@ -114,7 +116,7 @@ class Engine:
         with self._wake:
             if len(self._pending) >= self.config.queue_size:
                 self.rejected += 1
-                waiting = len(self._pending) / max(1, self.config.batch_size) + 1
+                waiting = len(self._pending) / self.batch_size + 1
                 raise QueueFull(max(1, round(waiting * self._seconds_per_job)))
             self._pending.append(job)
             self._wake.notify()
@@ -124,7 +126,8 @@ class Engine:
             return {"status": "ok", "models": list(self.models), "queued": len(self._pending),
                     "running": len(self._batch), "queue_size": self.config.queue_size,
                     "served": self.served, "cancelled": self.cancelled,
-                    "rejected": self.rejected, "largest_batch": self.largest_batch}
+                    "rejected": self.rejected, "batch_size": self.batch_size,
+                    "largest_batch": self.largest_batch}
 
     def close(self) -> None:
         with self._wake:
@@ -149,7 +152,7 @@ class Engine:
                 batch = [first]
                 if first.sampling.greedy:
                     for job in list(self._pending):
-                        if len(batch) >= self.config.batch_size:
+                        if len(batch) >= self.batch_size:
                             break
                         if job.model is first.model and job.sampling.greedy:
                             self._pending.remove(job)

@@ -55,9 +55,10 @@ def test_each_model_answers_as_predict_does(server, predictors, adapter, tiny_mo
     answers = {m: chat(client, m, "你好").choices[0].message.content for m in MODELS}
     assert answers == {m: p.generate("你好") for m, p in predictors.items()}
     assert len(set(answers.values())) == 3  # each request really got its own weights
-    code, out, _ = run_cli("predict", "--adapter", adapter, "--model", tiny_model, "--prompt",
-                           "你好", "--max-new-tokens", MAX, "--bf16", "false", "--threads", 1)
-    assert code == 0 and out.strip() == answers["a"]
+    for model, path in (("a", adapter), ("tiny-glm", "")):
+        code, out, _ = run_cli("predict", "--adapter", path, "--model", tiny_model, "--prompt",
+                               "你好", "--max-new-tokens", MAX, "--bf16", "false", "--threads", 1)
+        assert code == 0 and out.strip() == answers[model]
 
 
 def test_chat_history_and_system_use_the_training_format(server, predictors):
@@ -132,7 +133,9 @@ def test_concurrent_clients_each_get_their_own_answer(server):
     for thread in threads:
         thread.join()
     assert [results[i] for i in range(len(requests))] == [expected[r] for r in requests]
-    assert server.health()["largest_batch"] > 1  # they were really generated together
+    health = server.health()
+    assert health["batch_size"] == 8  # float32: batching is on by default
+    assert health["largest_batch"] > 1  # they were really generated together
 
 
 def test_client_leaving_mid_stream_frees_its_slot(server):
