@@ -148,8 +148,12 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
              "parent": None if m.adapter is None else engine.base_name}
             for name, m in engine.models.items()]}
 
+    @app.get("/v1/models/{name}", dependencies=[Depends(authorized)])
+    async def one_model(name: str):
+        return next(m for m in (await models())["data"] if m["id"] == _model(engine, name).name)
+
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
-    async def chat(body: ChatRequest):
+    async def chat(body: ChatRequest, request: Request):
         model = _model(engine, body.model)
         messages = [Message(m.role, m.text()) for m in body.messages]
         try:
@@ -161,10 +165,10 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         if engine.config.log_prompts:
             log.info("chat %s: %s", model.name, json.dumps(
                 [m.__dict__ for m in messages], ensure_ascii=False))
-        return await _answer(engine, model, ids, sampling, body, chat=True)
+        return await _answer(engine, model, ids, sampling, body, request, chat=True)
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         model = _model(engine, body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
@@ -176,7 +180,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         sampling = body.sampling(_limit(engine, ids, body.max_tokens, "prompt"))
         if engine.config.log_prompts:
             log.info("completion %s: %s", model.name, json.dumps(prompts[0], ensure_ascii=False))
-        return await _answer(engine, model, ids, sampling, body, chat=False)
+        return await _answer(engine, model, ids, sampling, body, request, chat=False)
 
     return app
 
@@ -230,7 +234,7 @@ class _Done:
 
 
 async def _answer(engine: Engine, model: ServedModel, ids: list[int], sampling: Sampling,
-                  body: _Generation, chat: bool):
+                  body: _Generation, request: Request, chat: bool):
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
 
@@ -250,11 +254,17 @@ async def _answer(engine: Engine, model: ServedModel, ids: list[int], sampling: 
     started = time.monotonic()
     reply = _Reply(model.name, chat)
     if not body.stream:
+        async def watch() -> None:  # the body is read: the next message is the disconnect
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            engine.cancel(job)  # a client that left frees its place in the queue or batch
+
+        watcher = asyncio.create_task(watch())
         try:
             while not isinstance(event := await events.get(), _Done):
                 pass
         finally:
-            job.cancelled.set()  # no-op when done; frees the slot if this request was dropped
+            watcher.cancel()
         answer = _result(event.result)
         _log(engine, model, answer, started)
         return reply.whole(answer)
@@ -278,7 +288,7 @@ async def _answer(engine: Engine, model: ServedModel, ids: list[int], sampling: 
             yield "data: [DONE]\n\n"
         finally:
             # A client that leaves mid-stream cancels this generator: its row stops at once.
-            job.cancelled.set()
+            engine.cancel(job)
 
     return StreamingResponse(sse(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -121,6 +121,15 @@ class Engine:
             self._pending.append(job)
             self._wake.notify()
 
+    def cancel(self, job: Job) -> None:
+        """Its client left: a waiting job leaves the queue now, a running one ends at its
+        next token."""
+        job.cancelled.set()
+        with self._wake:
+            if job in self._pending:
+                self._pending.remove(job)
+                self.cancelled += 1
+
     def health(self) -> dict:
         with self._wake:
             return {"status": "ok", "models": list(self.models), "queued": len(self._pending),
@@ -189,14 +198,12 @@ class Engine:
             job.on_done(GlmtuneError("the server is shutting down"))
 
     def _generate(self, batch: list[Job]) -> list[Answer]:
-        model, peft = batch[0].model, self.predictor.model
+        model, predictor = batch[0].model, self.predictor
         with self.lock:
             if model.peft_name is not None:
-                peft.set_adapter(model.peft_name)
-            off = peft.disable_adapter() if model.peft_name is None and hasattr(
-                peft, "disable_adapter") else nullcontext()
-            with off:
-                return self.predictor.run(
+                predictor.model.set_adapter(model.peft_name)
+            with predictor.base_model() if model.peft_name is None else nullcontext():
+                return predictor.run(
                     [job.ids for job in batch], [job.sampling for job in batch],
                     on_text=lambda row, piece: batch[row].on_text(piece),
                     cancelled=lambda row: batch[row].cancelled.is_set(),

@@ -74,6 +74,27 @@ def test_full_queue_answers_429_with_retry_after(server):
     assert server.health()["queued"] == 0
 
 
+def test_client_leaving_the_queue_frees_its_place(server):
+    holder = server.client(KEY).chat.completions.create(
+        model="a", messages=[{"role": "user", "content": "hello"}], max_tokens=2000,
+        temperature=0, stream=True)
+    next(iter(holder))
+    before = server.wait_for(lambda h: h["running"] == 1, "the long answer running")
+    with pytest.raises(httpx.ReadTimeout):  # this client gives up while it waits
+        httpx.post(f"{server.url}/chat/completions", timeout=httpx.Timeout(60, read=1),
+                   headers={"Authorization": f"Bearer {KEY}"},
+                   json={"model": "a", "messages": [{"role": "user", "content": "hi"}]})
+    server.wait_for(lambda h: h["queued"] == 0 and h["cancelled"] == before["cancelled"] + 1,
+                    "the abandoned request out of the queue")
+    waiting: list = []  # its place is free again: the next request waits instead of a 429
+    thread = threading.Thread(target=lambda: waiting.append(ask(server.client(KEY))))
+    thread.start()
+    server.wait_for(lambda h: h["queued"] == 1, "the next request waiting")
+    holder.close()
+    thread.join(timeout=600)
+    assert waiting and server.health()["rejected"] == before["rejected"]
+
+
 def test_prompts_are_logged_when_asked(server):
     answer = ask(server.client(KEY), "日志里的问题").choices[0].message.content
     log = server.log.read_text("utf-8")

@@ -47,7 +47,11 @@ def chat(client, model, content, **kwargs):
 
 
 def test_models_are_the_adapters_and_the_base(server):
-    assert [m.id for m in server.client().models.list()] == MODELS
+    client = server.client()
+    assert [m.id for m in client.models.list()] == MODELS
+    assert client.models.retrieve("b").id == "b"
+    with pytest.raises(openai.NotFoundError, match="served models: a, b, tiny-glm"):
+        client.models.retrieve("gpt-4")
 
 
 def test_each_model_answers_as_predict_does(server, predictors, adapter, tiny_model, run_cli):
