@@ -419,7 +419,8 @@ class ServeConfig(_LoadedModel):
     port: int = _opt("TCP port", make="PORT", default=8000)
     api_key: str | None = _opt("require `Authorization: Bearer KEY` on every endpoint but "
                                "/health (default: the GLMTUNE_API_KEY environment variable; "
-                               "neither: no key needed)", make="GLMTUNE_API_KEY")
+                               "neither: no key needed; the variable keeps the key out of "
+                               "the process list)", make="GLMTUNE_API_KEY")
     queue_size: int = _opt("requests that may wait for the model; more are answered 429 with "
                            "Retry-After", make="QUEUE_SIZE", default=32)
     batch_size: int | None = _opt("greedy requests for the same model generated together "
