@@ -5,7 +5,8 @@ tiny-glm (built once into bench/cache/) with a random LoRA adapter of the defaul
 shape (tests/fixtures/random_adapter.py: LoRA on every projection plus trained embeddings and
 LM head). The requests are the default job's triplet-extraction prompts, greedy, at most
 ``BENCH_TOKENS`` (default 32) new tokens each; ``BENCH_REQUESTS`` (default 32) of them per
-setting. First the baseline answers them one by one in this process (one model load, as
+setting; float32 unless ``BENCH_BF16=true`` (under bf16 serve does not batch by default);
+``BENCH_THREADS`` sets the CPU threads of both sides. First the baseline answers them one by one in this process (one model load, as
 `glmtune predict --file` does, so loading is not counted against it), then the server runs
 in a child process with the same settings (threads, bf16) and the official openai client
 sends the same requests from N threads. Completion tokens are the `usage` the server reports
@@ -34,6 +35,10 @@ sys.path.insert(0, str(REPO))
 
 REQUESTS = int(os.environ.get("BENCH_REQUESTS", "32"))
 TOKENS = int(os.environ.get("BENCH_TOKENS", "32"))
+# float32 by default: there batched answers equal one-at-a-time ones and serve batches
+BF16 = os.environ.get("BENCH_BF16", "false")
+# CPU threads of both sides (default: physical cores, glmtune's default)
+THREADS = os.environ.get("BENCH_THREADS") or None
 CLIENTS = (1, 4, 16)
 
 
@@ -59,7 +64,8 @@ def sequential(base: Path, adapter: Path, questions: list[str]) -> dict:
     from glmtune.config import PredictConfig
     from glmtune.infer.predict import Predictor, Sampling
 
-    predictor = Predictor(PredictConfig(adapter=str(adapter), model=str(base)))
+    predictor = Predictor(PredictConfig(adapter=str(adapter), model=str(base), bf16=BF16,
+                                        threads=THREADS and int(THREADS)))
     sampling = Sampling(max_new_tokens=TOKENS)
     predictor.run([predictor.prompt_ids(questions[0])], [sampling])  # warm-up
     started = time.perf_counter()
@@ -88,7 +94,8 @@ def serve(base: Path, adapter: Path, questions: list[str], log: Path) -> dict:
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "glmtune", "serve", "--adapter",
                                  f"bench={adapter}", "--model", str(base), "--port", str(port),
-                                 "--queue-size", "64"], stdout=out, stderr=subprocess.STDOUT,
+                                 "--queue-size", "64", "--bf16", BF16,
+                                 *(["--threads", THREADS] if THREADS else [])], stdout=out, stderr=subprocess.STDOUT,
                                 env=env)
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0,
                     timeout=600)
