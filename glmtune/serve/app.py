@@ -282,7 +282,7 @@ async def _answer(engine: Engine, model: ServedModel, ids: list[int], sampling: 
                 yield _sse(exc.body())
             else:
                 _log(engine, model, answer, started)
-                yield reply.chunk(None, finish=answer.finish_reason)
+                yield reply.chunk(None, finish=answer)
                 if include_usage:
                     yield reply.usage_chunk(answer)
             yield "data: [DONE]\n\n"
@@ -311,6 +311,10 @@ def _log(engine: Engine, model: ServedModel, answer: Answer, started: float) -> 
         log.info("answer: %s", json.dumps(answer.text, ensure_ascii=False))
 
 
+def _reason(answer: Answer) -> str:
+    return "length" if answer.finish_reason == "length" else "stop"
+
+
 def _sse(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -333,7 +337,7 @@ class _Reply:
                 "total_tokens": answer.prompt_tokens + answer.completion_tokens}
 
     def whole(self, answer: Answer) -> dict:
-        reason = "length" if answer.finish_reason == "length" else "stop"
+        reason = _reason(answer)
         if self.is_chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": answer.text},
                       "finish_reason": reason, "logprobs": None}
@@ -343,16 +347,19 @@ class _Reply:
         return {**self._head("text_completion"), "choices": [choice],
                 "usage": self._usage(answer)}
 
-    def chunk(self, text: str | None, first: bool = False, finish: str | None = None) -> str:
-        reason = None if finish is None else ("length" if finish == "length" else "stop")
+    def chunk(self, text: str | None, first: bool = False, finish: Answer | None = None) -> str:
+        """A piece of the answer; the last chunk (``finish``) carries the reason and, so that
+        every answer has it, the usage (OpenAI sends usage only with include_usage)."""
+        reason = None if finish is None else _reason(finish)
+        usage = {} if finish is None else {"usage": self._usage(finish)}
         if self.is_chat:
             delta = {} if text is None else {"content": text}
             if first:
                 delta["role"] = "assistant"
             choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
-            return _sse({**self._head("chat.completion.chunk"), "choices": [choice]})
+            return _sse({**self._head("chat.completion.chunk"), "choices": [choice], **usage})
         choice = {"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}
-        return _sse({**self._head("text_completion"), "choices": [choice]})
+        return _sse({**self._head("text_completion"), "choices": [choice], **usage})
 
     def usage_chunk(self, answer: Answer) -> str:
         kind = "chat.completion.chunk" if self.is_chat else "text_completion"

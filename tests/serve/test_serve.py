@@ -103,8 +103,11 @@ def test_stream_reassembled_equals_the_whole_answer(server, kind):
         pieces = [c.choices[0].text for c in chunks if c.choices]
     assert len([p for p in pieces if p]) > 1  # really streamed
     assert "".join(pieces) == text
-    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
-    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    last = [c for c in chunks if c.choices][-1]
+    assert last.choices[0].finish_reason == "length"
+    # usage on the last piece always, and in the include_usage chunk after it
+    assert last.usage.model_dump() == chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    assert not chunks[-1].choices
 
 
 def test_stop_strings_and_seeds(server):
