@@ -86,8 +86,12 @@ def stop_server(server: Server) -> None:
 
 @pytest.fixture(scope="session")
 def second_adapter(tiny_model, tmp_path_factory) -> Path:
-    """Another random adapter on the same base: different weights, different answers."""
+    """Another random adapter on the same base: different weights, different answers, and
+    trained (says its run config) with another prompt format, which serving must keep."""
+    from glmtune.train.artifacts import RUN_CONFIG
     from tests.fixtures.random_adapter import build_random_adapter
 
-    return build_random_adapter(tiny_model, tmp_path_factory.mktemp("adapter-b") / "lora-b",
-                                seed=1)
+    out = build_random_adapter(tiny_model, tmp_path_factory.mktemp("adapter-b") / "lora-b",
+                               seed=1)
+    (out / RUN_CONFIG).write_text(f"model: {tiny_model}\ntemplate: plain\n", "utf-8")
+    return out

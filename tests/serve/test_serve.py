@@ -70,7 +70,10 @@ def test_chat_history_and_system_use_the_training_format(server, predictors):
                 {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "再见"}]
     reply = chat(server.client(), "b", messages)
     predictor = predictors["b"]
+    assert predictor.family.template == "plain"  # "a" and the base use glm4
     ids = predictor.conversation_ids([Message(m["role"], m["content"]) for m in messages])
+    assert ids != predictors["a"].conversation_ids(
+        [Message(m["role"], m["content"]) for m in messages])
     expected = predictor.run([ids], [Sampling(max_new_tokens=MAX)])[0]
     assert reply.choices[0].message.content == expected.text
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(ids), MAX)
