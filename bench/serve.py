@@ -84,7 +84,7 @@ def _threads() -> int:
 
 
 def serve(base: Path, adapter: Path, questions: list[str], log: Path) -> dict:
-    from openai import OpenAI
+    from openai import APIConnectionError, OpenAI
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -112,7 +112,7 @@ def serve(base: Path, adapter: Path, questions: list[str], log: Path) -> dict:
             try:
                 client.models.list()
                 break
-            except Exception:
+            except APIConnectionError:  # not listening yet
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise SystemExit(f"server did not start:\n{log.read_text()}") from None
                 time.sleep(0.5)
