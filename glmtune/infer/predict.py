@@ -205,8 +205,11 @@ def _adapter_base(adapter: str) -> str:
 def _attach_adapter(model, adapter: str):
     from peft import PeftModel
 
+    from glmtune.model.lora import v5_target_names
+
     try:
-        return PeftModel.from_pretrained(model, adapter)
+        with v5_target_names(model):
+            return PeftModel.from_pretrained(model, adapter)
     except RuntimeError as exc:
         if "size mismatch" in str(exc):
             raise GlmtuneError(f"{adapter}: this adapter was trained for a different base model "

@@ -41,7 +41,7 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 SEMANTIC_FIELDS = ("model", "data", "max_samples", "max_seq_len", "template", "lora_r",
                    "lora_alpha", "lora_dropout", "target_modules", "train_embeddings",
                    "effective_batch", "seed", "quant", "lr", "weight_decay", "warmup_ratio",
-                   "group_by_length", "neftune_alpha")
+                   "group_by_length", "neftune_alpha", "lora_experts")
 
 
 @dataclass
