@@ -213,7 +213,7 @@ def strip_thinking(answer: str) -> str:
     """
     text = answer.strip()
     if text.startswith("<think>") and "</think>" in text:
-        return split_thinking(text)[1].strip()
+        return text.split("</think>", 1)[1].strip()
     return text
 
 

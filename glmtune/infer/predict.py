@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 from glmtune import hardware
 from glmtune.config import PredictConfig, TrainConfig, load_yaml
 from glmtune.data.sample import Message
-from glmtune.data.templates import encode_prompt, stop_token_ids
+from glmtune.data.templates import encode_prompt, stop_token_ids, strip_thinking
 from glmtune.errors import GlmtuneError
 from glmtune.model import load
 from glmtune.model.family import detect_family, template_override
@@ -80,7 +80,12 @@ class Predictor:
                 input_ids=ids, attention_mask=torch.ones_like(ids),
                 max_new_tokens=max_new_tokens or self.config.max_new_tokens, do_sample=False,
                 eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id)
-        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        return self._answer(self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+
+    def _answer(self, text: str) -> str:
+        """The decoded generation as the user sees it: stripped, and without a reasoning
+        model's ``<think>`` block unless --show-thinking."""
+        return text.strip() if self.config.show_thinking else strip_thinking(text)
 
     def conversation_ids(self, messages: Sequence[Message]) -> list[int]:
         """Prompt ids of any conversation ending with a user turn (system messages allowed)."""
@@ -137,7 +142,7 @@ class Predictor:
                 input_ids=ids, attention_mask=mask,
                 max_new_tokens=max_new_tokens or self.config.max_new_tokens, do_sample=False,
                 eos_token_id=self.stop_ids, pad_token_id=pad)
-        return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip()
+        return [self._answer(self.tokenizer.decode(row[width:], skip_special_tokens=True))
                 for row in out]
 
     def stream(self, prompt: str, history: Sequence[tuple[str, str]] = (),
@@ -173,7 +178,8 @@ class Predictor:
         thread = threading.Thread(target=run, name="glmtune-generate", daemon=True)
         thread.start()
         started = False
-        for piece in streamer:
+        pieces = streamer if self.config.show_thinking else _without_thinking(streamer)
+        for piece in pieces:
             if not started:
                 # generate() strips the answer; a stream must not start with what it drops
                 piece = piece.lstrip()
@@ -190,6 +196,24 @@ class Predictor:
         disable = getattr(self.model, "disable_adapter", None)
         with disable() if callable(disable) else nullcontext():
             yield self
+
+
+def _without_thinking(pieces: Iterable[str]) -> Iterator[str]:
+    """``pieces`` of a streamed answer minus a leading ``<think>...</think>`` block: what
+    :func:`strip_thinking` leaves of the joined answer. Text is held back only while it
+    may still be (the start of) such a block."""
+    held, pieces = "", iter(pieces)
+    for piece in pieces:
+        held += piece
+        start = held.lstrip()
+        if "<think>".startswith(start) or (start.startswith("<think>") and "</think>" not in start):
+            continue  # undecided, or inside the block
+        if start.startswith("<think>"):
+            held = start.split("</think>", 1)[1].lstrip()
+        yield held
+        yield from pieces  # decided: the rest passes through as it comes
+        return
+    yield held  # the block never closed: the reasoning is all there is
 
 
 def _adapter_base(adapter: str) -> str:

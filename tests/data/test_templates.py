@@ -173,7 +173,7 @@ def test_truncation_keeps_the_head_and_reports_it(tok):
     assert truncated and ids == full[:9] and labels == full_labels[:9]
 
 
-@pytest.mark.parametrize("template", ["chatglm1", "chatglm2", "chatglm3", "glm4", "plain"])
+@pytest.mark.parametrize("template", ["chatglm1", "chatglm2", "chatglm3", "glm4", "glm45", "plain"])
 def test_inference_prompt_is_a_prefix_of_training_ids(tok, template):
     # Otherwise the model is prompted with tokens it never saw while learning to answer.
     ids, _, _ = encode(template, Sample(messages=MULTI), tok, 512)
