@@ -173,7 +173,7 @@ def _fit_memory(plan: Plan, config: TrainConfig, hw: Hardware, model_config: dic
             f"with MEMORY_LIMIT={current.peak / GB:.1f} or more"
             + _sharding_hint(lambda n: est.estimate(shape, replace(
                 _settings(plan, config, train_embeddings), shards=n), shard_bytes).peak,
-                config, budget)
+                config, budget, "machines" if plan.device == "cpu" else "devices")
             + _smaller_model_hint(shape, budget, current) + ". Nothing was loaded.")
     return plan, config
 
@@ -217,12 +217,12 @@ def _brief(c: TrainConfig) -> str:
 MAX_HINT_DEVICES = 64
 
 
-def _sharding_hint(peak_with_shards, config: TrainConfig, budget: int) -> str:
+def _sharding_hint(peak_with_shards, config: TrainConfig, budget: int, what: str) -> str:
     """Big models (GLM-4.5-Air: 106 B parameters) fit by splitting them over devices."""
     for n in (2, 4, 8, 16, 32, MAX_HINT_DEVICES):
         if peak_with_shards(n) <= budget:
             how = config.strategy if config.strategy in ("fsdp", "zero3") else "fsdp or zero3"
-            return (f", or sharded over {n} devices of this size (--strategy {how}, "
+            return (f", or sharded over {n} {what} of this size (--strategy {how}, "
                     f"{peak_with_shards(n) / GB:.1f} GB each)")
     return ""
 
