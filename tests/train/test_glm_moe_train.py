@@ -46,7 +46,7 @@ def test_adapter_targets_no_router_and_no_routed_experts(trained):
 
 
 def test_predict_strips_the_reasoning_unless_asked(trained):
-    _, base, out = trained
+    _, _, out = trained
     answer = Predictor(PredictConfig(adapter=str(out), prompt=QUESTION, bf16="false",
                                      threads=1, max_new_tokens=12))
     assert answer.generate(QUESTION) == ANSWER
@@ -66,7 +66,7 @@ def test_export_reloads_in_plain_transformers_with_equal_logits(trained, run_cli
 
     kind, base, out = trained
     merged_dir = tmp_path / "merged"
-    code, stdout, err = run_cli("export", "--adapter", out, "--out", merged_dir, "--threads", 1)
+    code, _, err = run_cli("export", "--adapter", out, "--out", merged_dir, "--threads", 1)
     assert code == 0, err
     predictor = Predictor(PredictConfig(adapter=str(out), bf16="false", threads=1))
     ids = torch.tensor([predictor.prompt_ids(QUESTION)])
@@ -86,18 +86,28 @@ def test_streamed_reasoning_is_held_back_piece_by_piece():
     assert "".join(_without_thinking(["<think>cut off"])) == "<think>cut off"
 
 
+@pytest.fixture(scope="module")
+def one_process_moe_run(glm_models, triplet_dir, tmp_path_factory):
+    """The reference: the same 6 steps on one process, micro-batch 4 (= 2 x 2)."""
+    from tests.train.test_distributed import run
+
+    work = tmp_path_factory.mktemp("moe-one")
+    return run(work, glm_models["glm4_moe"], triplet_dir / "train_triplet.jsonl", work / "one",
+               nproc=1, batch=4)
+
+
 @pytest.mark.parametrize("strategy", [
     "fsdp", pytest.param("zero3", marks=pytest.mark.skipif(
         __import__("importlib").util.find_spec("deepspeed") is None, reason="no DeepSpeed"))])
-def test_two_process_sharded_run_on_the_moe(strategy, glm_models, triplet_dir, tmp_path):
+def test_two_process_sharded_run_on_the_moe(strategy, one_process_moe_run, glm_models,
+                                           triplet_dir, tmp_path):
     """FSDP2 / ZeRO-3 over two gloo processes: the gathered adapter equals a one-process run's."""
     from tests.train.test_distributed import run
 
-    data = triplet_dir / "train_triplet.jsonl"
-    two = run(tmp_path, glm_models["glm4_moe"], data, tmp_path / "two", nproc=2, batch=2,
-              strategy=strategy)
-    one = run(tmp_path, glm_models["glm4_moe"], data, tmp_path / "one", nproc=1, batch=4)
-    single, sharded = load_file(one / "rank0.safetensors"), load_file(two / "adapter_model.safetensors")
+    two = run(tmp_path, glm_models["glm4_moe"], triplet_dir / "train_triplet.jsonl",
+              tmp_path / "two", nproc=2, batch=2, strategy=strategy)
+    single = load_file(one_process_moe_run / "rank0.safetensors")
+    sharded = load_file(two / "adapter_model.safetensors")
     assert sharded.keys() == single.keys()
     assert not any(".mlp.gate." in k for k in sharded)
     for key in single:
