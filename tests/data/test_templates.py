@@ -280,4 +280,4 @@ def test_malformed_conversations_are_rejected(messages, generation):
 def test_unknown_template_lists_valid_ones(tok):
     with pytest.raises(GlmtuneError, match="chatglm3"):
         encode("llama", Sample(messages=ONE), tok, 8)
-    assert len(TEMPLATES) == 6
+    assert len(TEMPLATES) == 7
