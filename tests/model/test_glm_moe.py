@@ -18,6 +18,7 @@ from glmtune.model.family import (
     GLM4_MOE_LITE_TARGETS, GLM4_MOE_TARGETS, MOE_EXPERT_PARAMETERS, detect_family)
 
 from tests.fixtures.glm_configs import GLM_45_AIR, GLM_46, GLM_47_FLASH
+from tests.model.test_fused import _loss_and_grads, _relative  # the same batch and checks
 
 U, A, S = "user", "assistant", "system"
 # Conversations the templates must agree on: one turn, a system prompt and history, reasoning
@@ -185,28 +186,6 @@ def test_lora_experts_on_a_dense_model_is_an_error(glm_models):
 
 # --- fast path -------------------------------------------------------------------
 
-def _loss_and_grads(model, head=None):
-    torch.manual_seed(2)
-    ids = torch.randint(0, 200, (3, 16))
-    mask = torch.ones_like(ids)
-    mask[2, 11:] = 0
-    labels = ids.clone()
-    labels[:, :5] = -100
-    labels[mask == 0] = -100
-    model.zero_grad(set_to_none=True)
-    if head is None:
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        keep = labels[:, 1:] != -100
-        loss = torch.nn.functional.cross_entropy(logits[keep].float(), labels[:, 1:][keep],
-                                                 reduction="sum")
-    else:
-        with fused.head_bypassed(head):
-            hidden = model(input_ids=ids, attention_mask=mask).logits
-        loss = fused.linear_cross_entropy(hidden[:, :-1], head.weight, labels[:, 1:])
-    loss.backward()
-    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 @pytest.mark.parametrize("kind, experts, parts", [
     ("glm4", False, ["12 LoRA layers", "9 RMSNorms", "attention", "LM head + loss"]),
     ("glm4_moe", False, ["14 LoRA layers", "5 RMSNorms", "attention", "LM head + loss"]),
@@ -231,5 +210,4 @@ def test_fast_path_equals_reference(glm_models, kind, experts, parts):
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     assert grads.keys() == ref_grads.keys()
     for name in grads:
-        error = ((grads[name] - ref_grads[name]).norm() / ref_grads[name].norm()).item()
-        assert error < 1e-4, name
+        assert _relative(grads[name], ref_grads[name]) < 1e-4, name
