@@ -128,6 +128,13 @@ class Shape:
         moe = self.moe_intermediate * (self.experts_per_token + self.shared_experts)
         return self.dense_layers * self.intermediate + self.moe_layers * moe
 
+    def largest_linear_params(self) -> int:
+        """The biggest Linear weight in the blocks (MoE models: separate gate / up projections)."""
+        mlp = [self.hidden * self.intermediate] if self.dense_layers else []
+        if self.moe_layers:
+            mlp.append(self.hidden * self._shared_intermediate)
+        return max([i * o for i, o in self._attention_outputs()] + mlp)
+
     def layer_weight_params(self) -> int:
         """Parameters of the largest decoder layer: what FSDP / ZeRO-3 gather at once."""
         attention = sum(i * o for i, o in self._attention_outputs())
@@ -304,6 +311,10 @@ def estimate(shape: Shape, s: Settings, shard_bytes: int = 0) -> Estimate:
         runtime = RUNTIME_BYTES + (QUANT_RUNTIME_BYTES if s.quant != "none" else 0)
         # quantizing a tensor holds it as read, as float32 and quantized at once
         transient = shard_bytes * (QUANT_LOAD_FACTOR if s.quant != "none" else 1)
+        if s.quant != "none" and shape.expert_params:
+            # the largest tensor is then a routed-expert weight, read but never quantized;
+            # what is quantized are the Linear layers (bf16 in every GLM MoE checkpoint)
+            transient = max(shard_bytes, QUANT_LOAD_FACTOR * 2 * shape.largest_linear_params())
     else:
         runtime, transient = int(0.5 * GB), 0  # CUDA context and allocator slack
     return Estimate(weights=weights, trainable=trainable, activations=activations, logits=logits,
