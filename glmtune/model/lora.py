@@ -25,6 +25,8 @@ def embedding_module_names(model) -> list[str]:
 
 def target_modules(family: Family, requested: str):
     if requested and requested != "auto":
+        if requested.strip().lower() == "all-linear":  # PEFT's shorthand works only as a string
+            return "all-linear"
         return [name.strip() for name in requested.split(",") if name.strip()]
     targets = family.lora_targets
     return targets if isinstance(targets, str) else list(targets)

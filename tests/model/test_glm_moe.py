@@ -132,12 +132,14 @@ def _targeted(peft_model) -> set[str]:
             if p.requires_grad}
 
 
+@pytest.mark.parametrize("targets", ["auto", "all-linear"])
 @pytest.mark.parametrize("kind", ["glm4_moe", "glm4_moe_lite"])
-def test_default_targets_skip_router_and_routed_experts(glm_models, kind, caplog):
+def test_default_targets_skip_router_and_routed_experts(glm_models, kind, targets, caplog):
+    """Also PEFT's all-linear: without our guard PEFT 0.21 turned it into router + experts."""
     model, tokenizer = _load(glm_models[kind])
     family = detect_family(model.config, tokenizer)
     with caplog.at_level(logging.INFO, logger="glmtune.model.lora"):
-        peft_model = lora.attach_lora(model, family, r=2, alpha=4, dropout=0.0, targets="auto",
+        peft_model = lora.attach_lora(model, family, r=2, alpha=4, dropout=0.0, targets=targets,
                                       train_embeddings=False)
     names = _targeted(peft_model)
     assert not any(".mlp.gate." in n or ".mlp.experts." in n for n in names)  # router, experts
