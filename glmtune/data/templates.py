@@ -21,7 +21,7 @@ Every format reproduces what the family's official code feeds the model:
 - ``plain``: a neutral text format for base models without a chat template.
 
 Trained tokens: the assistant text and the end-of-turn token after the last
-assistant turn. ``chatglm3`` and ``glm4`` also train the role token that
+assistant turn. ``chatglm3``, ``glm4`` and ``glm45`` also train the role token that
 follows each earlier assistant turn (``<|user|>``), as their official
 fine-tuning scripts do (their loss mask is shifted by one): those models end a
 turn by emitting it, and it is one of their stop tokens.

@@ -213,3 +213,11 @@ def test_fast_path_equals_reference(glm_models, kind, experts, parts):
     assert grads.keys() == ref_grads.keys()
     for name in grads:
         assert _relative(grads[name], ref_grads[name]) < 1e-4, name
+
+
+def test_checkpoints_from_before_lora_experts_still_resume():
+    from glmtune.train.checkpoint import config_differences
+
+    assert config_differences({"model": "m"}, {"model": "m", "lora_experts": False}) == []
+    assert config_differences({"model": "m"}, {"model": "m", "lora_experts": True}) == [
+        "lora_experts: checkpoint has False, now True"]
