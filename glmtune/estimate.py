@@ -135,6 +135,11 @@ class Shape:
             mlp.append(self.hidden * self._shared_intermediate)
         return max([i * o for i, o in self._attention_outputs()] + mlp)
 
+    def largest_tensor_params(self) -> int:
+        """The biggest single tensor: an embedding matrix, or one layer's fused experts."""
+        experts = self.experts * 2 * self.moe_intermediate * self.hidden if self.moe_layers else 0
+        return max(self.vocab * self.hidden, experts, self.largest_linear_params())
+
     def layer_weight_params(self) -> int:
         """Parameters of the largest decoder layer: what FSDP / ZeRO-3 gather at once."""
         attention = sum(i * o for i, o in self._attention_outputs())

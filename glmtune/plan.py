@@ -140,6 +140,8 @@ def _fit_memory(plan: Plan, config: TrainConfig, hw: Hardware, model_config: dic
         return plan, config
     budget = memory_budget(config, hw, processes)
     plan.budget_bytes = budget
+    if not shard_bytes:  # no weight files here (yet): what loading reads at once, from the shape
+        shard_bytes = 2 * shape.largest_tensor_params()  # bf16, as checkpoints ship
     if shape.expert_params:
         plan.reasons.append(
             f"mixture of experts: all {shape.experts} routed experts per layer resident "

@@ -109,6 +109,8 @@ def test_cpu_plan_and_refusal(model_dirs):
     flash, _, _ = plan(model_dirs, "GLM-4.7-Flash", cpu(128))
     assert flash.device == "cpu" and flash.base_dtype == "bfloat16"
     assert flash.predicted.peak <= flash.budget_bytes
+    # no weights to read the largest tensor from: one layer's fused experts, in bf16
+    assert flash.predicted.load_transient == 2 * 64 * 2 * 1536 * 2048
     with pytest.raises(GlmtuneError, match="sharded over 2 machines of this size"):
         plan(model_dirs, "GLM-4.5-Air", cpu(128))
 
