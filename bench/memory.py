@@ -1,7 +1,7 @@
 """Peak memory of real LoRA runs against the planner's prediction (`make bench-memory`).
 
-Builds (once, cached under bench/cache/, outside git) a random-weight GLM with
-ChatGLM3-6B's shape, written straight to 1 GB safetensors shards so building
+Builds (once, cached under bench/cache/, outside git) random-weight GLMs with
+ChatGLM3-6B's shape and (``moe-flash-4bit``) GLM-4.7-Flash's mixture-of-experts layers, written straight to 1 GB safetensors shards so building
 never holds the model in memory, then trains a few steps in a fresh process
 per configuration and compares the process's peak RSS (loading included) with
 what ``glmtune plan`` predicted before loading.
@@ -35,6 +35,15 @@ SHAPES = {
                      vocab_size=32000, num_attention_heads=16, num_key_value_heads=2, head_dim=64),
     "glm-660m": dict(hidden_size=2048, num_hidden_layers=12, intermediate_size=5632,
                      vocab_size=32000, num_attention_heads=16, num_key_value_heads=2, head_dim=128),
+    # GLM-4.7-Flash's layers (MLA ranks 768 / 512, 64 routed experts of 1536 of which 4 run per
+    # token, 1 shared, first layer dense) with 6 of its 47 layers and a 32k vocabulary: 3.2 B
+    # parameters, 3.0 B of them routed experts, which 4-bit quantization leaves in bf16
+    "flash-6l": dict(model_type="glm4_moe_lite", hidden_size=2048, num_hidden_layers=6,
+                     intermediate_size=10240, vocab_size=32000, num_attention_heads=20,
+                     num_key_value_heads=20, q_lora_rank=768, kv_lora_rank=512,
+                     qk_nope_head_dim=192, qk_rope_head_dim=64, v_head_dim=256,
+                     moe_intermediate_size=1536, n_routed_experts=64, num_experts_per_tok=4,
+                     n_shared_experts=1, mlp_layer_types=["dense"] + ["sparse"] * 5),
 }
 
 # name -> (model, quant, batch, seq, gradient checkpointing)
@@ -44,14 +53,17 @@ RUNS = {
     "tiny-default": ("tiny-glm", "none", 16, 128, False),
     "241m-bf16": ("glm-241m", "none", 4, 256, False),
     "660m-4bit": ("glm-660m", "4bit", 2, 128, True),
+    "moe-flash-4bit": ("flash-6l", "4bit", 1, 256, True),
 }
 
 
 def build_random_glm(name: str) -> Path:
-    """A GLM directory with random bf16 weights, written shard by shard."""
+    """A GLM directory (``glm`` unless the shape names another model_type) with random bf16
+    weights, written shard by shard."""
     import torch
     from safetensors.torch import save_file
-    from transformers import GlmConfig, GlmForCausalLM
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     from glmtune.model import tiny_glm
 
@@ -61,10 +73,12 @@ def build_random_glm(name: str) -> Path:
     tmp = CACHE / f".{name}.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = tiny_glm.build(CACHE / "tiny-glm")
-    config = GlmConfig(**SHAPES[name], pad_token_id=0, eos_token_id=0, tie_word_embeddings=False,
-                       dtype="bfloat16")
+    shape = dict(SHAPES[name])
+    config = CONFIG_MAPPING[shape.pop("model_type", "glm")](
+        **shape, pad_token_id=0, eos_token_id=0, tie_word_embeddings=False, dtype="bfloat16")
     with torch.device("meta"):
-        shapes = {n: (p.shape, p.dim()) for n, p in GlmForCausalLM(config).state_dict().items()}
+        model = AutoModelForCausalLM.from_config(config)
+        shapes = {n: (p.shape, p.dim()) for n, p in model.state_dict().items()}
     generator = torch.Generator().manual_seed(0)
     index, shard, shard_size, count, total = {}, {}, 0, 0, 0
 

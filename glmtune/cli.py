@@ -158,10 +158,13 @@ def cmd_plan(args) -> int:
         print(presets.table())
         return 0
     config = config_from_args(args, cfg.TrainConfig)
+    if args.processes < 1:
+        raise ConfigError([f"processes: must be a positive integer, got {args.processes}"],
+                          "command-line flags")
     hw = hardware.detect()
     source = load.resolve(config.model)
     preset_note = presets.pick(hw)[1] if config.preset == "auto" else None
-    plan, final, _ = plan_for_model(config, hw, source)
+    plan, final, _ = plan_for_model(config, hw, source, processes=args.processes)
     if args.env:
         print(_env_file(hw, plan, final, preset_note))
         return 0
@@ -176,7 +179,9 @@ def cmd_plan(args) -> int:
     print(f"plan: {plan.describe()}")
     if plan.predicted is not None:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in plan.predicted.breakdown().items() if k != "peak")
-        print(f"predicted peak memory: {plan.predicted.peak / hardware.GB:.2f} GB ({parts} GB)")
+        each = " per process" if args.processes > 1 else ""
+        print(f"predicted peak memory{each}: {plan.predicted.peak / hardware.GB:.2f} GB "
+              f"({parts} GB)")
     print("settings: " + ", ".join(f"{k}={getattr(final, k)}" for k in (
         "quant", "batch_size", "grad_accum", "max_seq_len", "gradient_checkpointing", "lora_r",
         "max_samples")))
@@ -265,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--env", action="store_true", help="print a .env file for this machine")
     p.add_argument("--list-presets", action="store_true", help="print the preset table")
+    p.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="plan for N training processes (devices) on this kind of machine; with "
+                        "--strategy fsdp or zero3 each holds 1/N of the weights (default: 1)")
     with_config(p, cfg.TrainConfig)
     p.set_defaults(func=cmd_plan)
 

@@ -60,7 +60,7 @@ class TrainConfig:
                            make="OVERWRITE", default=False)
     max_samples: int | None = _opt("use at most this many training rows", make="MAX_SAMPLES")
     template: str = _opt("prompt format: auto (from the model family), chatglm1, chatglm2, "
-                         "chatglm3, glm4, chat_template or plain", default="auto")
+                         "chatglm3, glm4, glm45, chat_template or plain", default="auto")
 
     # --- schedule ----------------------------------------------------------
     epochs: float = _opt("passes over the training data (fractions allowed)",
@@ -91,6 +91,10 @@ class TrainConfig:
     lora_dropout: float = _opt("dropout on the LoRA input", make="LORA_DROPOUT", default=0.0)
     target_modules: str = _opt("comma-separated module names to adapt, or 'auto' (per family)",
                                default="auto")
+    lora_experts: bool = _opt("MoE models (GLM-4.5 ... 4.7, GLM-4.7-Flash): also put LoRA on the "
+                              "routed experts' fused weights (default: attention, dense MLP and "
+                              "shared experts only; the router is never adapted by default)",
+                              make="LORA_EXPERTS", default=False)
     train_embeddings: str = _opt("also train token embeddings and LM head: auto (only for the "
                                  "randomly initialised tiny-glm), true or false",
                                  choices=TRI_STATE, default="auto")
@@ -261,6 +265,9 @@ class PredictConfig:
                             "prompt per line; .jsonl: a 'prompt' per row) and append the answers "
                             "to --out as JSON Lines (default: <file>.predictions.jsonl beside "
                             "it); a rerun skips prompts already answered", make="FILE")
+    show_thinking: bool = _opt("keep a reasoning model's <think>...</think> block in the answer "
+                               "(default: only the answer after it)", make="SHOW_THINKING",
+                               default=False)
 
     def problems(self) -> list[str]:
         found = []
@@ -317,11 +324,13 @@ class _LoadedModel:
     model: str | None = _same(PredictConfig, "model")
     trust_remote_code: bool = _same(PredictConfig, "trust_remote_code")
     template: str = _same(PredictConfig, "template")
+    show_thinking: bool = _same(PredictConfig, "show_thinking")
 
     def predict_config(self) -> PredictConfig:
         """The generation settings as a PredictConfig (subclasses add max_new_tokens, bf16, threads)."""
         return PredictConfig(adapter=self.adapter, model=self.model,
                              trust_remote_code=self.trust_remote_code, template=self.template,
+                             show_thinking=self.show_thinking,
                              max_new_tokens=self.max_new_tokens, bf16=self.bf16,
                              threads=self.threads)
 

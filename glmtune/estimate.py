@@ -34,7 +34,13 @@ _ACT_PER_INTERMEDIATE = 5
 
 @dataclass(frozen=True)
 class Shape:
-    """What memory depends on, read from config.json of any family."""
+    """What memory depends on, read from config.json of any family.
+
+    Mixture-of-experts models (GLM-4.5 ... 4.7, GLM-4.7-Flash) add ``moe_layers`` layers
+    whose MLP is ``experts`` routed experts of ``moe_intermediate`` each, ``experts_per_token``
+    of them run per token, plus ``shared_experts`` that always run. GLM-4.7-Flash's
+    multi-head latent attention (MLA) adds the low ranks ``q_lora_rank`` / ``kv_lora_rank``.
+    """
 
     hidden: int
     layers: int
@@ -44,15 +50,51 @@ class Shape:
     kv_heads: int
     head_dim: int
     tied_embeddings: bool = False
+    moe_layers: int = 0
+    experts: int = 0
+    experts_per_token: int = 0
+    shared_experts: int = 0
+    moe_intermediate: int = 0
+    q_lora_rank: int = 0   # MLA; 0 with kv_lora_rank set: a full-rank q_proj
+    kv_lora_rank: int = 0  # MLA when > 0
+    qk_rope_dim: int = 0
+    v_head_dim: int = 0
+
+    @property
+    def dense_layers(self) -> int:
+        return self.layers - self.moe_layers
+
+    def _attention_outputs(self) -> list[tuple[int, int]]:
+        """(in, out) of each attention projection of one layer."""
+        h = self.hidden
+        if not self.kv_lora_rank:
+            q_out, kv_out = self.heads * self.head_dim, self.kv_heads * self.head_dim
+            return [(h, q_out), (h, kv_out), (h, kv_out), (q_out, h)]
+        qk = self.head_dim + self.qk_rope_dim  # MLA: head_dim holds the no-rope part
+        q = ([(h, self.q_lora_rank), (self.q_lora_rank, self.heads * qk)] if self.q_lora_rank
+             else [(h, self.heads * qk)])
+        return q + [(h, self.kv_lora_rank + self.qk_rope_dim),
+                    (self.kv_lora_rank, self.heads * (self.head_dim + self.v_head_dim)),
+                    (self.heads * self.v_head_dim, h)]
+
+    @property
+    def _shared_intermediate(self) -> int:
+        return self.moe_intermediate * self.shared_experts
 
     @property
     def linear_params(self) -> int:
-        """Parameters in the transformer blocks' Linear layers (what LoRA and quantization touch)."""
-        q = self.hidden * self.heads * self.head_dim
-        kv = 2 * self.hidden * self.kv_heads * self.head_dim
-        o = self.heads * self.head_dim * self.hidden
-        mlp = 3 * self.hidden * self.intermediate  # gated MLP: gate, up, down
-        return self.layers * (q + kv + o + mlp)
+        """Parameters in the transformer blocks' Linear layers (what LoRA and quantization touch):
+        attention, dense MLPs (gate, up, down) and shared experts. Routed experts are 3-D
+        parameters, not Linear layers: see expert_params."""
+        attention = sum(i * o for i, o in self._attention_outputs())
+        return (self.layers * attention + self.dense_layers * 3 * self.hidden * self.intermediate
+                + self.moe_layers * 3 * self.hidden * self._shared_intermediate)
+
+    @property
+    def expert_params(self) -> int:
+        """Routed experts and routers: all resident, whichever few run per token."""
+        per_layer = self.experts * 3 * self.hidden * self.moe_intermediate + self.experts * self.hidden
+        return self.moe_layers * per_layer
 
     @property
     def embedding_params(self) -> int:
@@ -60,16 +102,51 @@ class Shape:
 
     @property
     def total_params(self) -> int:
-        return self.linear_params + self.embedding_params
+        return self.linear_params + self.expert_params + self.embedding_params
 
-    def lora_params(self, rank: int) -> int:
-        """LoRA A+B over all attention and MLP projections (the default targets)."""
-        q_out, kv_out = self.heads * self.head_dim, 2 * self.kv_heads * self.head_dim
-        per_layer = rank * ((self.hidden + q_out + kv_out)      # fused or separate q/k/v
-                            + (q_out + self.hidden)                # o
-                            + (self.hidden + 2 * self.intermediate)  # gate_up
-                            + (self.intermediate + self.hidden))   # down
-        return self.layers * per_layer
+    def lora_params(self, rank: int, experts: bool = False) -> int:
+        """LoRA A+B over attention, dense MLP and shared experts (the default targets), and
+        with ``experts`` the routed experts' fused weights (rank per expert, as PEFT does)."""
+        if self.kv_lora_rank:
+            attention = sum(i + o for i, o in self._attention_outputs())
+        else:  # q, k and v read the same input: counted once, as for ChatGLM's fused qkv
+            q_out, kv_out = self.heads * self.head_dim, 2 * self.kv_heads * self.head_dim
+            attention = (self.hidden + q_out + kv_out) + (q_out + self.hidden)
+
+        def mlp(inter: int) -> int:  # gate_up, down
+            return (self.hidden + 2 * inter) + (inter + self.hidden)
+
+        total = (self.layers * attention + self.dense_layers * mlp(self.intermediate)
+                 + self.moe_layers * mlp(self._shared_intermediate))
+        if experts:
+            total += self.moe_layers * self.experts * mlp(self.moe_intermediate)
+        return rank * total
+
+    @property
+    def active_intermediate(self) -> int:
+        """MLP width summed over layers that one token activates (all of it in dense layers)."""
+        moe = self.moe_intermediate * (self.experts_per_token + self.shared_experts)
+        return self.dense_layers * self.intermediate + self.moe_layers * moe
+
+    def largest_linear_params(self) -> int:
+        """The biggest Linear weight in the blocks (MoE models: separate gate / up projections)."""
+        mlp = [self.hidden * self.intermediate] if self.dense_layers else []
+        if self.moe_layers:
+            mlp.append(self.hidden * self._shared_intermediate)
+        return max([i * o for i, o in self._attention_outputs()] + mlp)
+
+    def largest_tensor_params(self) -> int:
+        """The biggest single tensor: an embedding matrix, or one layer's fused experts."""
+        experts = self.experts * 2 * self.moe_intermediate * self.hidden if self.moe_layers else 0
+        return max(self.vocab * self.hidden, experts, self.largest_linear_params())
+
+    def layer_weight_params(self) -> int:
+        """Parameters of the largest decoder layer: what FSDP / ZeRO-3 gather at once."""
+        attention = sum(i * o for i, o in self._attention_outputs())
+        dense = 3 * self.hidden * self.intermediate if self.dense_layers else 0
+        moe = (3 * self.hidden * (self._shared_intermediate + self.experts * self.moe_intermediate)
+               if self.moe_layers else 0)
+        return attention + max(dense, moe)
 
 
 def _get(config: dict[str, Any], *names, default=None):
@@ -81,6 +158,15 @@ def _get(config: dict[str, Any], *names, default=None):
     return default
 
 
+def _moe_layers(config: dict[str, Any], layers: int) -> int:
+    if not config.get("n_routed_experts") and not config.get("num_local_experts"):
+        return 0
+    kinds = config.get("mlp_layer_types")
+    if kinds:
+        return sum(kind == "sparse" for kind in kinds)
+    return layers - int(config.get("first_k_dense_replace", 0))
+
+
 def shape_from_config(config: dict[str, Any]) -> Shape:
     """Native transformers names first, then ChatGLM's remote-code names."""
     hidden = _get(config, "hidden_size", "n_embd", "d_model")
@@ -89,12 +175,29 @@ def shape_from_config(config: dict[str, Any]) -> Shape:
     kv_heads = _get(config, "num_key_value_heads", "multi_query_group_num", default=heads)
     if config.get("model_type") == "chatglm" and not config.get("multi_query_attention", True):
         kv_heads = heads
+    layers = _get(config, "num_hidden_layers", "num_layers", "n_layer")
+    mla = {}
+    if config.get("kv_lora_rank"):
+        mla = dict(q_lora_rank=int(config.get("q_lora_rank") or 0),
+                   kv_lora_rank=int(config["kv_lora_rank"]),
+                   qk_rope_dim=int(config.get("qk_rope_head_dim", 0)),
+                   v_head_dim=int(config.get("v_head_dim", head_dim)))
+        head_dim = int(config.get("qk_nope_head_dim", head_dim))
+    moe_layers = _moe_layers(config, layers)
+    moe = {}
+    if moe_layers:
+        moe = dict(moe_layers=moe_layers,
+                   experts=int(_get(config, "n_routed_experts", "num_local_experts")),
+                   experts_per_token=int(config.get("num_experts_per_tok", 1)),
+                   shared_experts=int(config.get("n_shared_experts", 0)),
+                   moe_intermediate=int(config["moe_intermediate_size"]))
     return Shape(
-        hidden=hidden, layers=_get(config, "num_hidden_layers", "num_layers", "n_layer"),
+        hidden=hidden, layers=layers,
         intermediate=_get(config, "intermediate_size", "ffn_hidden_size", "inner_hidden_size",
                           default=4 * hidden),
         vocab=_get(config, "padded_vocab_size", "vocab_size"), heads=heads, kv_heads=kv_heads,
-        head_dim=head_dim, tied_embeddings=bool(config.get("tie_word_embeddings", False)))
+        head_dim=head_dim, tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+        **moe, **mla)
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2,
@@ -145,6 +248,8 @@ class Settings:
     seq_len: int = 256
     gradient_checkpointing: bool = False
     device: str = "cpu"
+    lora_experts: bool = False
+    shards: int = 1  # processes FSDP / ZeRO-3 split the parameters and optimizer state over
 
 
 @dataclass(frozen=True)
@@ -175,29 +280,47 @@ class Estimate:
 
 
 def estimate(shape: Shape, s: Settings, shard_bytes: int = 0) -> Estimate:
+    """Peak memory of one training process (one device)."""
     dtype_bytes = 2 if s.base_dtype == "bfloat16" else 4
     linear = (shape.linear_params * dtype_bytes if s.quant == "none"
               else int(shape.linear_params * _QUANT_BYTES[s.quant]))
-    weights = linear + shape.embedding_params * dtype_bytes  # embeddings/head stay unquantized
+    # Embeddings/head stay unquantized, and so do routed experts: bitsandbytes quantizes
+    # Linear layers, and the experts are 3-D parameters.
+    weights = linear + (shape.expert_params + shape.embedding_params) * dtype_bytes
     # fp32 value + grad + two AdamW moments
-    trainable = 16 * shape.lora_params(s.lora_r)
+    trainable = 16 * shape.lora_params(s.lora_r, s.lora_experts)
     if s.train_embeddings:
         trainable += 16 * shape.embedding_params
+    if s.shards > 1:
+        # Each process keeps 1/shards of everything, plus the whole layer being computed.
+        layer = shape.layer_weight_params()
+        layer_bytes = (layer * dtype_bytes if s.quant == "none"
+                       else int(layer * _QUANT_BYTES[s.quant]))
+        weights = weights // s.shards + layer_bytes
+        trainable //= s.shards
     tokens = s.batch_size * s.seq_len
-    per_token_layer = 2 * (_ACT_PER_HIDDEN * shape.hidden + _ACT_PER_INTERMEDIATE * shape.intermediate)
+    # per token: hidden-sized tensors in every layer, MLP-sized ones of the experts that run
+    hidden_part = 2 * _ACT_PER_HIDDEN * shape.hidden
+    mlp_part = 2 * _ACT_PER_INTERMEDIATE * shape.active_intermediate  # summed over layers
     attention = 2 * s.batch_size * shape.heads * s.seq_len * s.seq_len * 2  # scores + probs, bf16
     if s.gradient_checkpointing:
         # layer inputs kept for every layer, one layer recomputed at a time
-        activations = shape.layers * tokens * shape.hidden * 4 + tokens * per_token_layer + attention
+        widest = max(shape.intermediate if shape.dense_layers else 0,
+                     shape.moe_intermediate * (shape.experts_per_token + shape.shared_experts))
+        activations = (shape.layers * tokens * shape.hidden * 4
+                       + tokens * (hidden_part + 2 * _ACT_PER_INTERMEDIATE * widest) + attention)
     else:
-        activations = shape.layers * (tokens * per_token_layer + attention)
+        activations = tokens * (shape.layers * hidden_part + mlp_part) + shape.layers * attention
     logits = tokens * shape.vocab * (2 + 4 + 4)  # bf16 logits, fp32 copy for the loss, its grad
     if s.device == "cpu":
         runtime = RUNTIME_BYTES + (QUANT_RUNTIME_BYTES if s.quant != "none" else 0)
         # quantizing a tensor holds it as read, as float32 and quantized at once
         transient = shard_bytes * (QUANT_LOAD_FACTOR if s.quant != "none" else 1)
+        if s.quant != "none" and shape.expert_params:
+            # the largest tensor is then a routed-expert weight, read but never quantized;
+            # what is quantized are the Linear layers (bf16 in every GLM MoE checkpoint)
+            transient = max(shard_bytes, QUANT_LOAD_FACTOR * 2 * shape.largest_linear_params())
     else:
         runtime, transient = int(0.5 * GB), 0  # CUDA context and allocator slack
     return Estimate(weights=weights, trainable=trainable, activations=activations, logits=logits,
                     runtime=int(runtime), load_transient=int(transient))
-

@@ -118,11 +118,15 @@ def plan_for_model(config: TrainConfig, hw: Hardware, source,
     return plan, fitted, train_embeddings
 
 
-def _settings(plan: Plan, config: TrainConfig, train_embeddings: bool) -> est.Settings:
+def _settings(plan: Plan, config: TrainConfig, train_embeddings: bool,
+              processes: int = 1) -> est.Settings:
+    sharded = config.strategy in ("fsdp", "zero3")  # parameters and optimizer state split
     return est.Settings(quant=config.quant, base_dtype=plan.base_dtype, lora_r=config.lora_r,
                         train_embeddings=train_embeddings, batch_size=config.batch_size,
                         seq_len=config.max_seq_len,
-                        gradient_checkpointing=config.gradient_checkpointing, device=plan.device)
+                        gradient_checkpointing=config.gradient_checkpointing, device=plan.device,
+                        lora_experts=config.lora_experts,
+                        shards=processes if sharded else 1)
 
 
 def _fit_memory(plan: Plan, config: TrainConfig, hw: Hardware, model_config: dict,
@@ -136,9 +140,21 @@ def _fit_memory(plan: Plan, config: TrainConfig, hw: Hardware, model_config: dic
         return plan, config
     budget = memory_budget(config, hw, processes)
     plan.budget_bytes = budget
+    if not shard_bytes:  # no weight files here (yet): what loading reads at once, from the shape
+        shard_bytes = 2 * shape.largest_tensor_params()  # bf16, as checkpoints ship
+    if shape.expert_params:
+        plan.reasons.append(
+            f"mixture of experts: all {shape.experts} routed experts per layer resident "
+            f"({shape.expert_params / 1e9:.1f} B of {shape.total_params / 1e9:.1f} B parameters), "
+            f"{shape.experts_per_token} run per token; quantization leaves them in "
+            f"{plan.base_dtype} (bitsandbytes quantizes Linear layers, the experts are fused "
+            "3-D weights)")
+    if config.strategy in ("fsdp", "zero3") and processes > 1:
+        plan.reasons.append(f"memory per process: {config.strategy} splits weights and optimizer "
+                            f"state over {processes} processes")
 
     def predict(c: TrainConfig) -> est.Estimate:
-        return est.estimate(shape, _settings(plan, c, train_embeddings), shard_bytes)
+        return est.estimate(shape, _settings(plan, c, train_embeddings, processes), shard_bytes)
 
     current = predict(config)
     for step in _shrink_steps(config):
@@ -157,6 +173,9 @@ def _fit_memory(plan: Plan, config: TrainConfig, hw: Hardware, model_config: dic
             f"{budget / GB:.1f} GB (MEMORY_LIMIT, default: available memory minus a margin); "
             f"the smallest setting tried ({_brief(config)}) still does not fit. It would fit "
             f"with MEMORY_LIMIT={current.peak / GB:.1f} or more"
+            + _sharding_hint(lambda n: est.estimate(shape, replace(
+                _settings(plan, config, train_embeddings), shards=n), shard_bytes).peak,
+                config, budget, "machines" if plan.device == "cpu" else "devices")
             + _smaller_model_hint(shape, budget, current) + ". Nothing was loaded.")
     return plan, config
 
@@ -172,6 +191,8 @@ def _shrink_steps(config: TrainConfig):
         yield c, (f"micro-batch {before.batch_size} -> {c.batch_size}, accumulation "
                   f"{before.grad_accum} -> {c.grad_accum} (same effective batch)")
     for quant in ("8bit", "4bit"):
+        if quant == "8bit" and c.strategy in ("fsdp", "zero3"):
+            continue  # 8-bit weights cannot be sharded (distributed.strategy_problems)
         if _quant_rank(quant) > _quant_rank(c.quant):
             c = replace(c, quant=quant)
             yield c, f"quantized the base to {quant}"
@@ -193,6 +214,19 @@ def _quant_rank(quant: str) -> int:
 def _brief(c: TrainConfig) -> str:
     return (f"quant {c.quant}, batch {c.batch_size}, seq {c.max_seq_len}, "
             f"checkpointing {'on' if c.gradient_checkpointing else 'off'}")
+
+
+MAX_HINT_DEVICES = 64
+
+
+def _sharding_hint(peak_with_shards, config: TrainConfig, budget: int, what: str) -> str:
+    """Big models (GLM-4.5-Air: 106 B parameters) fit by splitting them over devices."""
+    for n in (2, 4, 8, 16, 32, MAX_HINT_DEVICES):
+        if peak_with_shards(n) <= budget:
+            how = config.strategy if config.strategy in ("fsdp", "zero3") else "fsdp or zero3"
+            return (f", or sharded over {n} {what} of this size (--strategy {how}, "
+                    f"{peak_with_shards(n) / GB:.1f} GB each)")
+    return ""
 
 
 def _smaller_model_hint(shape: est.Shape, budget: int, current: est.Estimate) -> str:

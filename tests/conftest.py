@@ -18,6 +18,16 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def glm_models(tiny_model, tmp_path_factory) -> dict[str, Path]:
+    """Tiny random glm4 / glm4_moe / glm4_moe_lite checkpoints with tiny-glm's tokenizer
+    carrying their real chat templates (tests/fixtures/tiny_moe.py), built once."""
+    from tests.fixtures import tiny_moe
+
+    root = tmp_path_factory.mktemp("glm-models")
+    return {kind: tiny_moe.build(kind, tiny_model, root / kind) for kind in tiny_moe.KINDS}
+
+
+@pytest.fixture(scope="session")
 def triplet_dir(tmp_path_factory) -> Path:
     from glmtune.data import triplets
 

@@ -14,11 +14,14 @@ Every format reproduces what the family's official code feeds the model:
 - ``chatglm2``: ChatGLM2-6B ``build_prompt`` with the ``[gMASK]`` ``sop`` prefix.
 - ``chatglm3``: ChatGLM3-6B ``build_chat_input`` / ``build_single_message``.
 - ``glm4``: GLM-4 chat template (also what tiny-glm's chat template renders).
+- ``glm45``: GLM-4.5's chat template (GLM-4.5/4.6/4.7, GLM-4.7-Flash): every assistant
+  turn opens with a ``<think>`` block, which holds the reasoning only in the turns after
+  the last user message (as the template drops it from history).
 - ``chat_template``: the tokenizer's own Jinja chat template.
 - ``plain``: a neutral text format for base models without a chat template.
 
 Trained tokens: the assistant text and the end-of-turn token after the last
-assistant turn. ``chatglm3`` and ``glm4`` also train the role token that
+assistant turn. ``chatglm3``, ``glm4`` and ``glm45`` also train the role token that
 follows each earlier assistant turn (``<|user|>``), as their official
 fine-tuning scripts do (their loss mask is shifted by one): those models end a
 turn by emitting it, and it is one of their stop tokens.
@@ -32,14 +35,14 @@ from typing import Sequence
 from glmtune.data.sample import ROLES, Message, Sample
 from glmtune.errors import GlmtuneError
 
-TEMPLATES = ("chatglm1", "chatglm2", "chatglm3", "glm4", "chat_template", "plain")
+TEMPLATES = ("chatglm1", "chatglm2", "chatglm3", "glm4", "glm45", "chat_template", "plain")
 
 IGNORE_INDEX = -100
 
 # What render() writes for the end-of-turn token when it is given no tokenizer;
 # with a tokenizer the tokenizer's own end token is used (see end_token()).
 _DEFAULT_END = {"chatglm1": "<eop>", "chatglm2": "</s>", "chatglm3": "</s>",
-                "glm4": "<|endoftext|>", "chat_template": "</s>", "plain": "</s>"}
+                "glm4": "<|endoftext|>", "glm45": "<|endoftext|>", "chat_template": "</s>", "plain": "</s>"}
 
 
 @dataclass(frozen=True)
@@ -192,6 +195,54 @@ def _role_tagged(messages, gen: bool, end: str, *, prefix: tuple[str, str],
     return segments
 
 
+def split_thinking(content: str) -> tuple[str, str]:
+    """(reasoning, answer) of an assistant message, split as GLM-4.5's chat template does:
+    the reasoning is what precedes the first ``</think>`` (after any ``<think>``), the
+    answer what follows the last one."""
+    if "</think>" not in content:
+        return "", content
+    parts = content.split("</think>")
+    return parts[0].rstrip("\n").split("<think>")[-1].lstrip("\n"), parts[-1].lstrip("\n")
+
+
+def strip_thinking(answer: str) -> str:
+    """A generated answer without its leading ``<think>...</think>`` block.
+
+    An answer whose thinking never closed (max_new_tokens reached) is returned whole:
+    the reasoning is all the model produced.
+    """
+    text = answer.strip()
+    if text.startswith("<think>") and "</think>" in text:
+        return text.split("</think>", 1)[1].strip()
+    return text
+
+
+def _glm45(messages, gen: bool, end: str) -> list[Segment]:
+    """GLM-4.5's chat template (zai-org/GLM-4.5 ... GLM-4.7 tokenizer_config.json).
+
+    Each assistant turn is ``<|assistant|>`` + ``\n<think>R</think>`` + ``\n`` answer: R is
+    the reasoning given in the data (``<think>R</think>answer``) for turns after the last
+    user message, empty for earlier ones. The generation prompt ends at ``<|assistant|>``:
+    the model writes its ``<think>`` block itself.
+    """
+    segments = [Segment("[gMASK]", special=True), Segment("<sop>", special=True)]
+    last_user = max(i for i, m in enumerate(messages) if m.role == "user")
+    after_assistant = False
+    for i, message in enumerate(messages):
+        segments.append(Segment(f"<|{message.role}|>", special=True, train=after_assistant))
+        if message.role == "assistant":
+            reasoning, answer = split_thinking(message.content)
+            think = reasoning.strip() if i > last_user else ""
+            text = f"\n<think>{think}</think>" + (f"\n{answer.strip()}" if answer.strip() else "")
+            segments.append(Segment(text, train=True))
+        else:
+            segments.append(Segment("\n" + message.content))
+        after_assistant = message.role == "assistant"
+    segments.append(Segment("<|assistant|>", special=True) if gen
+                    else Segment(end, special=True, train=True))
+    return segments
+
+
 def _plain(messages, gen: bool, end: str, bos: str | None) -> list[Segment]:
     system, pairs = _pairs(messages)
     segments = [Segment(bos, special=True)] if bos else []
@@ -304,6 +355,8 @@ def render(template: str, messages: Sequence[Message], *, add_generation_prompt:
     if template == "glm4":
         return _role_tagged(messages, gen, end, prefix=("[gMASK]", "<sop>"),
                             newline_trained=False, newline_in_prompt=True)
+    if template == "glm45":
+        return _glm45(messages, gen, end)
     bos = getattr(tokenizer, "bos_token", None) if tokenizer is not None else None
     return _plain(messages, gen, end, bos)
 
@@ -367,7 +420,7 @@ def stop_token_ids(template: str, tokenizer) -> list[int]:
     names = [end_token(template, tokenizer)]
     if getattr(tokenizer, "eos_token", None):
         names.append(tokenizer.eos_token)
-    if template in ("chatglm3", "glm4"):
+    if template in ("chatglm3", "glm4", "glm45"):
         # These models end a turn by starting the next one.
         names += ["<|user|>", "<|observation|>"]
     ids = [resolve_special(tokenizer, names[0], template)]

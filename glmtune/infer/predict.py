@@ -11,7 +11,7 @@ from typing import Callable, Iterator, Sequence
 from glmtune import hardware
 from glmtune.config import PredictConfig, TrainConfig, load_yaml
 from glmtune.data.sample import Message
-from glmtune.data.templates import encode_prompt, stop_token_ids
+from glmtune.data.templates import encode_prompt, stop_token_ids, strip_thinking
 from glmtune.errors import GlmtuneError
 from glmtune.model import load
 from glmtune.model.family import detect_family, template_override
@@ -153,8 +153,10 @@ class Predictor:
             raise ValueError("rows that sample must share one Sampling")
         stop_ids = list(stop_ids if stop_ids is not None else self.stop_ids)
         limits = [s.max_new_tokens or self.config.max_new_tokens for s in samplings]
+        # a reasoning model's <think> block is cut from the answers and from their pieces
+        visible = None if self.config.show_thinking else _HiddenThinking(len(prompts), on_text)
         rows = _Rows(self.tokenizer, stop_ids, limits, [s.stop for s in samplings],
-                     on_text, cancelled)
+                     visible.feed if visible and on_text else on_text, cancelled)
         width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts],
@@ -170,7 +172,8 @@ class Predictor:
                 input_ids=ids, attention_mask=mask, max_new_tokens=max(limits),
                 eos_token_id=stop_ids, pad_token_id=pad,
                 stopping_criteria=StoppingCriteriaList([rows]), **options)
-        return [rows.finish(row, len(p)) for row, p in enumerate(prompts)]
+        answers = [rows.finish(row, len(p)) for row, p in enumerate(prompts)]
+        return [visible.finish(row, a) for row, a in enumerate(answers)] if visible else answers
 
     def stream(self, prompt: str, history: Sequence[tuple[str, str]] = (),
                max_new_tokens: int | None = None, sampling: Sampling | None = None,
@@ -252,6 +255,36 @@ def _seeded(seed: int | None):
 
         torch.manual_seed(seed)
     yield
+
+
+class _HiddenThinking:
+    """Answers without a leading ``<think>...</think>`` block (``strip_thinking``), also as
+    they arrive in pieces: a row's text is held back only while it may still be (the start
+    of) such a block, so the pieces joined equal the final answer."""
+
+    def __init__(self, rows: int, on_text: Callable[[int, str], None] | None):
+        self.on_text = on_text
+        self.held = [""] * rows
+        self.decided = [False] * rows
+
+    def feed(self, row: int, piece: str) -> None:
+        if self.decided[row]:
+            self.on_text(row, piece)
+            return
+        start = (self.held[row] + piece).lstrip()
+        self.held[row] = start
+        if "<think>".startswith(start) or (start.startswith("<think>") and "</think>" not in start):
+            return  # undecided, or inside the block
+        self.decided[row] = True
+        if start.startswith("<think>"):
+            start = start.split("</think>", 1)[1].lstrip()
+        if start:
+            self.on_text(row, start)
+
+    def finish(self, row: int, answer: Answer) -> Answer:
+        if self.on_text is not None and not self.decided[row] and self.held[row]:
+            self.on_text(row, self.held[row])  # never closed: the reasoning is all there is
+        return replace(answer, text=strip_thinking(answer.text))
 
 
 class _Rows:
@@ -340,11 +373,14 @@ def _attach_adapter(model, adapter: str, name: str = "default"):
     """``model`` with the adapter in ``adapter`` added under ``name`` (a PeftModel)."""
     from peft import PeftModel
 
+    from glmtune.model.lora import v5_target_names
+
     try:
-        if isinstance(model, PeftModel):
-            model.load_adapter(adapter, adapter_name=name)
-            return model
-        return PeftModel.from_pretrained(model, adapter, adapter_name=name)
+        with v5_target_names(model):
+            if isinstance(model, PeftModel):
+                model.load_adapter(adapter, adapter_name=name)
+                return model
+            return PeftModel.from_pretrained(model, adapter, adapter_name=name)
     except RuntimeError as exc:
         if "size mismatch" in str(exc):
             raise GlmtuneError(f"{adapter}: this adapter was trained for a different base model "

@@ -15,14 +15,25 @@ from glmtune.errors import GlmtuneError
 
 CHATGLM_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 GLM4_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
+# GLM-4.5 / 4.6 / 4.7 (glm4_moe) and GLM-4.7-Flash (glm4_moe_lite, MLA attention): attention,
+# the dense MLP of the first layers and the shared experts, which all share these names. The
+# router (``mlp.gate``) is left out: adapting it shifts which experts see which tokens.
+GLM4_MOE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+GLM4_MOE_LITE_TARGETS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj",
+                         "o_proj", "gate_proj", "up_proj", "down_proj")
+# The routed experts are 3-D parameters, not Linear modules: PEFT adapts them through
+# ``target_parameters``, and only with --lora-experts.
+MOE_EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+MOE_MODEL_TYPES = {"glm4_moe": GLM4_MOE_TARGETS, "glm4_moe_lite": GLM4_MOE_LITE_TARGETS}
 
 
 @dataclass(frozen=True)
 class Family:
-    name: str                            # chatglm1, chatglm2, chatglm3, glm, glm4 or generic
+    name: str                            # chatglm1-3, glm, glm4, glm4_moe, glm4_moe_lite or generic
     template: str                        # one of templates.TEMPLATES
     lora_targets: tuple[str, ...] | str  # module names, or a PEFT shorthand like "all-linear"
     remote_code: bool                    # the checkpoint's own Python code builds the model
+    expert_parameters: tuple[str, ...] = ()  # routed-expert weights --lora-experts adapts (MoE)
 
 
 def _as_dict(model_config: Any) -> dict[str, Any]:
@@ -63,6 +74,9 @@ def detect_family(model_config, tokenizer=None, name_or_path: str = "") -> Famil
     if model_type == "chatglm":
         version = _chatglm_version(config, tokenizer, str(name_or_path))
         return Family(f"chatglm{version}", f"chatglm{version}", CHATGLM_TARGETS, True)
+    if model_type in MOE_MODEL_TYPES:
+        return Family(model_type, "glm45", MOE_MODEL_TYPES[model_type], False,
+                      MOE_EXPERT_PARAMETERS)
     if model_type in ("glm", "glm4"):
         return Family(model_type, "glm4", GLM4_TARGETS, False)
     template = "chat_template" if getattr(tokenizer, "chat_template", None) else "plain"

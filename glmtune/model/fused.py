@@ -19,8 +19,8 @@ Each kernel here computes the same function in fewer passes, in plain PyTorch op
   backward, registered with transformers' attention interface.
 
 ``install`` patches a PEFT model's modules in place where the kernels apply and
-leaves everything else (quantized layers, DoRA, dropout > 0, unknown norms) on the
-reference path. The weights, the saved adapter and inference are unchanged;
+leaves everything else (quantized layers, DoRA, dropout > 0, unknown norms, the routers
+and routed experts of mixture-of-experts models) on the reference path. The weights, the saved adapter and inference are unchanged;
 tests/model/test_fused.py holds the fast path to the reference path's loss and
 gradients.
 """
@@ -34,10 +34,11 @@ from torch.nn import functional as F
 
 # Models whose head is ``logits = lm_head(hidden)`` with nothing after it (no
 # soft-capping or scaling), so the head may be fused with the loss.
-PLAIN_HEAD_MODEL_TYPES = {"glm", "glm4", "llama", "mistral", "qwen2", "qwen3"}
+PLAIN_HEAD_MODEL_TYPES = {"glm", "glm4", "glm4_moe", "glm4_moe_lite", "llama", "mistral",
+                          "qwen2", "qwen3"}
 # RMSNorm classes computing ``weight * normalize(x)`` (not Gemma's 1 + weight).
-PLAIN_RMSNORM_CLASSES = {"GlmRMSNorm", "Glm4RMSNorm", "LlamaRMSNorm", "MistralRMSNorm",
-                         "Qwen2RMSNorm", "Qwen3RMSNorm"}
+PLAIN_RMSNORM_CLASSES = {"GlmRMSNorm", "Glm4RMSNorm", "Glm4MoeRMSNorm", "Glm4MoeLiteRMSNorm",
+                         "LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 ROW_MULTIPLE = 64  # trained-token counts are padded to this (few distinct shapes)
 CE_CHUNK_TOKENS = 256  # logits of 256 tokens x 32k vocab in fp32: 32 MB at a time
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 from glmtune.errors import GlmtuneError
-from glmtune.model.family import Family
+from glmtune.model.family import MOE_MODEL_TYPES, Family
 
 log = logging.getLogger(__name__)
 
@@ -24,24 +25,81 @@ def embedding_module_names(model) -> list[str]:
 
 def target_modules(family: Family, requested: str):
     if requested and requested != "auto":
+        if requested.strip().lower() == "all-linear":  # PEFT's shorthand works only as a string
+            return "all-linear"
         return [name.strip() for name in requested.split(",") if name.strip()]
     targets = family.lora_targets
     return targets if isinstance(targets, str) else list(targets)
 
 
+@contextmanager
+def v5_target_names(model):
+    """Within, PEFT takes a GLM MoE model's target names as they are.
+
+    PEFT 0.21 rewrites ``gate_proj`` / ``up_proj`` / ``down_proj`` on transformers-5 MoE
+    models into the routed experts' fused weights, which is what those names meant under
+    transformers 4 (each expert a module of that name), and drops them as modules: the
+    dense MLP and the shared experts would go untrained and the experts trained unasked,
+    and an adapter saved here would load onto other weights. Our names are already
+    transformers 5's, so the rewrite is skipped, when the adapter is made and when loaded.
+    """
+    from peft.utils import transformers_weight_conversion as conversion
+
+    if getattr(getattr(model, "config", None), "model_type", None) not in MOE_MODEL_TYPES:
+        yield
+        return
+    original = conversion.convert_peft_config_for_transformers
+    conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        conversion.convert_peft_config_for_transformers = original
+
+
+def expert_parameters(model, family: Family, experts: bool) -> list[str] | None:
+    """The routed-expert weights to adapt: only when asked, and only where the model has them."""
+    if not experts:
+        return None
+    names = {name for name, _ in model.named_parameters()}
+    wanted = [p for p in family.expert_parameters if any(n.endswith("." + p) for n in names)]
+    if not wanted:
+        raise GlmtuneError(f"lora_experts: this model ({family.name}) has no routed experts "
+                           "to adapt; drop --lora-experts")
+    return wanted
+
+
+def describe_targets(peft_model) -> str:
+    """What LoRA was put on, by name, with counts: ``q_proj x2, experts.down_proj x1``."""
+    from collections import Counter
+
+    counts: Counter = Counter()
+    for name, module in peft_model.named_modules():
+        if not hasattr(module, "lora_A"):
+            continue
+        parts = [p for p in name.split(".") if p != "base_layer"]  # nested expert wrappers
+        parameter = getattr(module, "parameter_name", None)  # PEFT's wrapper of a 3-D weight
+        if parameter:
+            counts[f"{parts[-1]}.{parameter}"] += 1
+        else:  # shared experts named apart from the dense MLP's projections
+            counts[".".join(parts[-2:]) if parts[-2:-1] == ["shared_experts"] else parts[-1]] += 1
+    return ", ".join(f"{name} x{n}" for name, n in sorted(counts.items()))
+
+
 def attach_lora(model, family: Family, *, r: int, alpha: int, dropout: float, targets: str,
-                train_embeddings: bool):
+                train_embeddings: bool, experts: bool = False):
     from peft import LoraConfig, get_peft_model
 
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
         target_modules=target_modules(family, targets),
+        target_parameters=expert_parameters(model, family, experts),
         modules_to_save=embedding_module_names(model) if train_embeddings else None,
         # trained copies of tied embeddings must stay one matrix, as in the base
         ensure_weight_tying=tied and train_embeddings)
     try:
-        peft_model = get_peft_model(model, config)
+        with v5_target_names(model):
+            peft_model = get_peft_model(model, config)
     except ValueError as exc:
         raise GlmtuneError(f"target_modules: {exc}".splitlines()[0]
                            + "; pass module names that exist in this model with --target-modules") from exc
@@ -52,6 +110,7 @@ def attach_lora(model, family: Family, *, r: int, alpha: int, dropout: float, ta
     for param in peft_model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
+    log.info("LoRA on %s", describe_targets(peft_model))
     trainable, total = peft_model.get_nb_trainable_parameters()
     log.info("trainable params: %s || all params: %s || trainable%%: %.4f",
              f"{trainable:,}", f"{total:,}", 100 * trainable / total)

@@ -41,7 +41,9 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 SEMANTIC_FIELDS = ("model", "data", "max_samples", "max_seq_len", "template", "lora_r",
                    "lora_alpha", "lora_dropout", "target_modules", "train_embeddings",
                    "effective_batch", "seed", "quant", "lr", "weight_decay", "warmup_ratio",
-                   "group_by_length", "neftune_alpha")
+                   "group_by_length", "neftune_alpha", "lora_experts")
+# Fields newer than some checkpoints: a checkpoint without one ran with its default.
+_ADDED_DEFAULTS = {"lora_experts": False}
 
 
 @dataclass
@@ -190,7 +192,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
         if name == "effective_batch":  # micro-batch x accumulation x processes
             return (config.get("batch_size", 0) * config.get("grad_accum", 0)
                     * config.get("world_size", 1))
-        return config.get(name)
+        return config.get(name, _ADDED_DEFAULTS.get(name))
 
     return [f"{name}: checkpoint has {value(saved, name)!r}, now {value(current, name)!r}"
             for name in SEMANTIC_FIELDS if value(saved, name) != value(current, name)]

@@ -92,7 +92,7 @@ class FineTuner:
         self.model = lora.attach_lora(
             model, self.family, r=cfg.lora_r, alpha=cfg.effective_lora_alpha,
             dropout=cfg.lora_dropout, targets=cfg.target_modules,
-            train_embeddings=self.train_embeddings)
+            train_embeddings=self.train_embeddings, experts=cfg.lora_experts)
         if not quantized:  # bitsandbytes placed a quantized model already
             self.model.to(torch.device(plan.device))
         if cfg.neftune_alpha:

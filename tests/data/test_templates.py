@@ -173,7 +173,7 @@ def test_truncation_keeps_the_head_and_reports_it(tok):
     assert truncated and ids == full[:9] and labels == full_labels[:9]
 
 
-@pytest.mark.parametrize("template", ["chatglm1", "chatglm2", "chatglm3", "glm4", "plain"])
+@pytest.mark.parametrize("template", ["chatglm1", "chatglm2", "chatglm3", "glm4", "glm45", "plain"])
 def test_inference_prompt_is_a_prefix_of_training_ids(tok, template):
     # Otherwise the model is prompted with tokens it never saw while learning to answer.
     ids, _, _ = encode(template, Sample(messages=MULTI), tok, 512)
@@ -280,4 +280,4 @@ def test_malformed_conversations_are_rejected(messages, generation):
 def test_unknown_template_lists_valid_ones(tok):
     with pytest.raises(GlmtuneError, match="chatglm3"):
         encode("llama", Sample(messages=ONE), tok, 8)
-    assert len(TEMPLATES) == 6
+    assert len(TEMPLATES) == 7

@@ -88,7 +88,7 @@ def test_template_override():
     family = detect_family(V2)
     assert template_override(family, "chat_template").template == "chat_template"
     assert template_override(family, "chat_template").lora_targets == CHATGLM_TARGETS
-    with pytest.raises(GlmtuneError, match="chatglm1, chatglm2, chatglm3, glm4, chat_template, plain"):
+    with pytest.raises(GlmtuneError, match="chatglm1, chatglm2, chatglm3, glm4, glm45, chat_template, plain"):
         template_override(family, "alpaca")
 
 
