@@ -45,8 +45,6 @@ _REQUIRED = {"rmsnorm": True, "post_layer_norm": True, "add_bias_linear": False,
 
 def glm_config(config: Mapping[str, Any], model_dir: str | Path = "config.json"):
     """transformers' GlmConfig for a ChatGLM2/3 config.json (a dict)."""
-    from transformers import GlmConfig
-
     wrong = [f"{k}: {config[k]!r} (supported: {v!r})" for k, v in _REQUIRED.items()
              if k in config and config[k] != v]
     if wrong:
@@ -57,7 +55,7 @@ def glm_config(config: Mapping[str, Any], model_dir: str | Path = "config.json")
     groups = config["multi_query_group_num"] if config.get("multi_query_attention") else heads
     rope_theta = 10000.0 * float(config.get("rope_ratio", 1))
     eos = config.get("eos_token_id", 2)
-    return GlmConfig(
+    return _config_class()(
         vocab_size=config.get("padded_vocab_size") or config["vocab_size"],
         hidden_size=config["hidden_size"], intermediate_size=config["ffn_hidden_size"],
         num_hidden_layers=config["num_layers"], num_attention_heads=heads,
@@ -70,6 +68,35 @@ def glm_config(config: Mapping[str, Any], model_dir: str | Path = "config.json")
                          "partial_rotary_factor": 0.5},
         tie_word_embeddings=False, pad_token_id=config.get("pad_token_id", 0),
         eos_token_id=eos, bos_token_id=None, use_cache=True)
+
+
+_CLASSES: dict[str, type] = {}
+
+
+def _config_class():
+    """GlmConfig that reads a ChatGLM config.json as glm_config does.
+
+    Libraries re-read the base's config through ``type(model.config).from_pretrained(path)``
+    (peft compares vocabulary sizes that way before saving an adapter); plain GlmConfig
+    would read THUDM's keys as defaults and report a resized vocabulary.
+    """
+    if "config" not in _CLASSES:
+        from transformers import GlmConfig
+
+        class GlmConfigFromChatGLM(GlmConfig):
+            @classmethod
+            def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+                from glmtune.model.load import _read_config
+
+                path = Path(str(pretrained_model_name_or_path))
+                if (path / "config.json").is_file():
+                    data = _read_config(path)
+                    if data.get("model_type") == "chatglm":
+                        return glm_config(data, path / "config.json")
+                return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+        _CLASSES["config"] = GlmConfigFromChatGLM
+    return _CLASSES["config"]
 
 
 def qkv_sizes(config) -> tuple[int, int, int]:
@@ -103,13 +130,10 @@ def _conversion_mapping():
             + [WeightConverter(QKV, list(SPLIT), [SplitQKV()])])
 
 
-_REGISTERED: list = []
-
-
 def model_class():
     """GlmForCausalLM under a name of its own, so our conversion applies to it alone."""
-    if _REGISTERED:
-        return _REGISTERED[0]
+    if "model" in _CLASSES:
+        return _CLASSES["model"]
     from transformers import GlmForCausalLM
     from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 
@@ -120,7 +144,7 @@ def model_class():
 
     register_checkpoint_conversion_mapping(ChatGLMAsGlm.__name__, _conversion_mapping(),
                                            overwrite=True)
-    _REGISTERED.append(ChatGLMAsGlm)
+    _CLASSES["model"] = ChatGLMAsGlm
     return ChatGLMAsGlm
 
 
