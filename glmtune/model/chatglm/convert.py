@@ -18,8 +18,9 @@ untied head); only the names differ and ``query_key_value`` is one fused matrix.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from glmtune.errors import GlmtuneError
 

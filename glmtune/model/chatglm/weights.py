@@ -8,8 +8,9 @@ json when there is one.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from glmtune.errors import GlmtuneError
 
