@@ -169,6 +169,11 @@ def load_glm(model_dir: str | Path, *, dtype=None, quantization_config=None, dev
     else:
         with streaming_safetensors():
             model = model_class().from_pretrained(str(model_dir), **kwargs)
+    # Loaded, it is a plain GlmForCausalLM: what recognises transformers' own classes (the
+    # fast path's fused attention and head) must see it as one.
+    from transformers import GlmForCausalLM
+
+    model.__class__ = GlmForCausalLM
     model.generation_config.eos_token_id = config.eos_token_id
     # what adapters record as their base (a state_dict load leaves it empty)
     model.config._name_or_path = model.name_or_path = str(model_dir)
