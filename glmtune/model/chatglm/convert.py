@@ -163,7 +163,10 @@ def load_glm(model_dir: str | Path, *, dtype=None, quantization_config=None, dev
         kwargs["quantization_config"] = quantization_config
     if device_map is not None:
         kwargs["device_map"] = device_map
-    lazy = weights.lazy_bin_state_dict(model_dir)
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    # ZeRO-3 loads through a path of its own that wants real tensors (and partitions them)
+    lazy = None if is_deepspeed_zero3_enabled() else weights.lazy_bin_state_dict(model_dir)
     if lazy is not None:  # .bin shards: read one at a time (see lazy_bin_state_dict)
         model = model_class().from_pretrained(None, state_dict=lazy, **kwargs)
     else:
