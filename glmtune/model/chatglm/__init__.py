@@ -70,7 +70,7 @@ def save_original(model, base_dir: str | Path, out: str | Path, dtype) -> list[s
             shutil.copy2(file, out / file.name)
             copied.append(file.name)
     tensors = {name: t.detach().to(dtype) for name, t in
-               convert.to_original(model.state_dict(), model.config).items()}
+               convert.to_original(model.state_dict()).items()}
     for name, tensor in weights.iter_tensors(base_dir):
         if name not in tensors:
             tensors[name] = tensor.clone()
