@@ -164,6 +164,12 @@ def test_bin_shards_are_read_without_unpickling_objects(tmp_path):
         weights.read_shard(evil)
 
 
+def test_legacy_bin_format_is_read(tmp_path):
+    old = tmp_path / "pytorch_model.bin"
+    torch.save({"w": torch.arange(3.0)}, old, _use_new_zipfile_serialization=False)
+    assert torch.equal(weights.read_shard(old)["w"], torch.arange(3.0))
+
+
 def test_missing_shard_is_named(checkpoints, tmp_path):
     import shutil
 
