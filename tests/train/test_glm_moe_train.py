@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from glmtune.config import PredictConfig, TrainConfig
 from glmtune.infer.chat import run_chat
-from glmtune.infer.predict import Predictor, _without_thinking
+from glmtune.infer.predict import Answer, Predictor, _HiddenThinking
 from glmtune.train.recipe import FineTuner
 
 pytestmark = pytest.mark.slow
@@ -79,11 +79,22 @@ def test_export_reloads_in_plain_transformers_with_equal_logits(trained, run_cli
     assert (plain - expected).abs().max() > 1e-2  # the adapter changed the model
 
 
+def _visible(pieces: list[str]) -> tuple[list[str], str]:
+    """What a client is sent of an answer arriving in ``pieces``, and the final answer."""
+    sent: list[str] = []
+    hidden = _HiddenThinking(1, lambda _, piece: sent.append(piece))
+    for piece in pieces:
+        hidden.feed(0, piece)
+    final = hidden.finish(0, Answer("".join(pieces), 1, len(pieces), "stop"))
+    return sent, final.text
+
+
 def test_streamed_reasoning_is_held_back_piece_by_piece():
-    pieces = ["\n<th", "ink>ad", "d</thi", "nk>\nfo", "ur"]
-    assert "".join(_without_thinking(pieces)).strip() == ANSWER
-    assert list(_without_thinking(["plain ", "answer"])) == ["plain ", "answer"]
-    assert "".join(_without_thinking(["<think>cut off"])) == "<think>cut off"
+    sent, final = _visible(["\n<th", "ink>ad", "d</thi", "nk>\nfo", "ur"])
+    assert "".join(sent).strip() == final == ANSWER
+    assert _visible(["plain ", "answer"]) == (["plain ", "answer"], "plain answer")
+    sent, final = _visible(["<think>cut off"])
+    assert "".join(sent) == final == "<think>cut off"
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,161 @@
+"""Reading and writing checkpoint shards in a ChatGLM directory's own layout.
+
+Safetensors first; else ``pytorch_model*.bin`` through ``torch.load(weights_only=True,
+mmap=True)`` — never an arbitrary unpickle — one shard at a time, through the index
+json when there is one.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from glmtune.errors import GlmtuneError
+
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+def _index_files(model_dir: Path, index_name: str) -> list[Path] | None:
+    index = model_dir / index_name
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise GlmtuneError(f"{index}: unreadable shard index ({exc}); expected JSON with a "
+                           "'weight_map' of tensor name -> shard file") from exc
+    missing = [n for n in names if not (model_dir / n).is_file()]
+    if missing:
+        raise GlmtuneError(f"{index}: lists shard(s) not in the directory: {', '.join(missing)}; "
+                           "the download is incomplete")
+    return [model_dir / n for n in names]
+
+
+def shard_files(model_dir: str | Path) -> list[Path]:
+    """The weight files of a checkpoint directory, safetensors preferred."""
+    model_dir = Path(model_dir)
+    for index, single, pattern in ((SAFE_INDEX, "model.safetensors", "*.safetensors"),
+                                   (BIN_INDEX, "pytorch_model.bin", "pytorch_model*.bin")):
+        files = _index_files(model_dir, index)
+        if files:
+            return files
+        if (model_dir / single).is_file():
+            return [model_dir / single]
+        found = sorted(model_dir.glob(pattern))
+        if found:
+            return found
+    raise GlmtuneError(f"{model_dir}: no weights found (expected model*.safetensors or "
+                       "pytorch_model*.bin, with their index json when sharded)")
+
+
+def read_shard(file: Path) -> dict[str, Any]:
+    """One shard's tensors (memory-mapped; .bin only through weights_only unpickling)."""
+    import torch
+
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(file))
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            # a pre-zip (torch < 1.6) pickle cannot be memory-mapped: read it whole
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt zip, refused pickle global, truncated file, ...
+        raise GlmtuneError(f"{file}: unreadable weight shard ({str(exc).splitlines()[0]}); "
+                           "re-download it") from exc
+
+
+def iter_tensors(model_dir: str | Path) -> Iterator[tuple[str, Any]]:
+    """(name, tensor) of every stored tensor, one shard in memory at a time."""
+    for file in shard_files(model_dir):
+        shard = read_shard(file)
+        yield from shard.items()
+        del shard
+
+
+def write_shards(out: Path, tensors: dict[str, Any], *, max_shard_bytes: int = 2 << 30) -> None:
+    """Safetensors shards with ``model.safetensors.index.json``, names kept as given."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, Any]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor.contiguous()
+        size += nbytes
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / file), metadata={"format": "pt"})
+        for name, tensor in shard.items():
+            weight_map[name] = file
+            total += tensor.numel() * tensor.element_size()
+    (out / SAFE_INDEX).write_text(json.dumps({"metadata": {"total_size": total},
+                                              "weight_map": weight_map}, indent=2) + "\n",
+                                  encoding="utf-8")
+
+
+class _Shard:
+    """One .bin shard, unpickled (weights_only, memory-mapped) on first use and dropped
+    -- mapping and all -- once every tensor in it has been taken."""
+
+    def __init__(self, file: Path, names: set[str]):
+        self.file, self.pending = file, set(names)
+        self.tensors: dict[str, Any] | None = None
+
+    def take(self, name: str):
+        if self.tensors is None:
+            self.tensors = read_shard(self.file)
+        tensor = self.tensors[name].clone()  # a copy of its own: the mapping can go
+        self.pending.discard(name)
+        if not self.pending:
+            self.tensors = None
+        return tensor
+
+
+class LazyTensor:
+    """A stored tensor that is read when transformers materializes it (``tensor[...]``)."""
+
+    def __init__(self, shard: _Shard, name: str):
+        self.shard, self.name = shard, name
+
+    def __getitem__(self, item):
+        return self.shard.take(self.name)[item]
+
+
+def lazy_bin_state_dict(model_dir: str | Path) -> dict[str, LazyTensor] | None:
+    """name -> LazyTensor over the .bin shards, or None when the checkpoint has safetensors.
+
+    transformers memory-maps every .bin shard up front and keeps them mapped until the
+    whole model is loaded, so each page it read stays in the process's RSS: a 12 GB
+    checkpoint costs 12 GB on top of the (maybe 4-bit) model. Read lazily, a shard is
+    unmapped as soon as its last tensor is converted: the peak is the model plus one shard.
+    """
+    files = shard_files(model_dir)
+    if files[0].suffix != ".bin":
+        return None
+    model_dir = Path(model_dir)
+    index = model_dir / BIN_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        by_file: dict[str, set[str]] = {}
+        for name, file in weight_map.items():
+            by_file.setdefault(file, set()).add(name)
+    else:  # one unindexed file: its names are only known by reading it
+        by_file = {files[0].name: set(read_shard(files[0]))}
+    state: dict[str, LazyTensor] = {}
+    for file, names in by_file.items():
+        shard = _Shard(model_dir / file, names)
+        state.update({name: LazyTensor(shard, name) for name in names})
+    return state
