@@ -41,13 +41,17 @@ class Predictor:
         self.config = config.validate()
         trained = adapter_training_config(config.adapter) if config.adapter else {}
         model_name = config.model or trained.get("model") or _adapter_base(config.adapter)
-        trust = config.trust_remote_code or bool(trained.get("trust_remote_code", False))
+        # An adapter is data: only this command's own flag may let a model's code run.
+        trust = config.trust_remote_code
         hw = hardware.detect()
         hardware.set_threads(config.threads)
         self.bf16 = hw.bf16 if config.bf16 == "auto" else config.bf16 == "true"
         self.device = torch.device(hw.device)
 
         source = self.source = load.resolve(model_name)
+        if config.adapter and not config.model:
+            log.info("base model: %s (recorded in adapter %s)", model_name, config.adapter)
+            load.check_remote_code(source, trust, recorded_in=config.adapter)
         self.tokenizer = load.load_tokenizer(source, trust)
         family = detect_family(source.config, self.tokenizer, source.path)
         template = config.template if config.template != "auto" else trained.get("template", "auto")

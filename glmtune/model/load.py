@@ -67,10 +67,21 @@ def _read_config(path: Path) -> dict[str, Any]:
     return data
 
 
-def check_remote_code(source: ModelSource, trust_remote_code: bool) -> None:
-    """Refuse remote code unless asked, instead of letting transformers prompt on stdin."""
+def check_remote_code(source: ModelSource, trust_remote_code: bool,
+                      recorded_in: str | None = None) -> None:
+    """Refuse remote code unless asked, instead of letting transformers prompt on stdin.
+
+    ``recorded_in``: the adapter directory the base model was named by; what an
+    adapter records is never a permission, so the message says whose code it is.
+    """
     if source.needs_remote_code and not trust_remote_code:
         kind = source.config.get("model_type", "this model")
+        if recorded_in is not None:
+            raise GlmtuneError(
+                f"{recorded_in}: the adapter's recorded base model {source.path} ('{kind}') "
+                "ships its own Python code (auto_map in config.json); an adapter cannot allow "
+                "that code to run. If you trust that model, add --trust-remote-code to this "
+                "command; otherwise pass --model with a base you trust")
         raise GlmtuneError(
             f"{source.path}: '{kind}' ships its own Python code (auto_map in config.json), "
             "which glmtune runs only when you allow it: add --trust-remote-code "
