@@ -23,6 +23,7 @@ from pathlib import Path
 from glmtune.config import PredictConfig
 from glmtune.data.formats import _read_text
 from glmtune.errors import DataError, GlmtuneError
+from glmtune.lock import output_lock
 from glmtune.train.artifacts import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,12 @@ def batch_predict(config: PredictConfig, predictor=None) -> BatchResult:
         raise GlmtuneError("file: batch prediction needs --file with the prompts")
     rows = read_prompts(config.file)
     out = Path(config.out) if config.out else default_output(config.file)
+    with output_lock(out, "glmtune predict --file"):
+        return _answer_rest(config, rows, out, predictor)
+
+
+def _answer_rest(config: PredictConfig, rows: list[PromptRow], out: Path,
+                 predictor) -> BatchResult:
     done = _answered(out, rows, config.file)
     todo = [row for row in rows if row.line not in done]
     if done:

@@ -13,6 +13,7 @@ CPUs, which measured 1.7x faster than fp32 here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -26,6 +27,7 @@ from glmtune import hardware
 from glmtune.config import TrainConfig, save_yaml
 from glmtune.data import dataset
 from glmtune.errors import GlmtuneError
+from glmtune.lock import output_lock
 from glmtune.model import fused, load, lora, tiny_glm
 from glmtune.model.family import Family, detect_family, template_override
 from glmtune.plan import Plan, halve_batch, plan_for_model
@@ -140,12 +142,15 @@ class FineTuner:
     def train(self) -> TrainResult:
         cfg = self.config
         out = Path(cfg.output_dir)
-        _check_output_dir(out, cfg)
-        if self.train_set is None:
-            self.prepare_datasets()  # data errors surface before the model is loaded
-        if self.model is None:
-            self.setup_model_and_tokenizer()
-        return _Fit(self, out).run()
+        # one writer per output directory (rank 0 holds it for all the run's processes)
+        main = distributed.from_environment().is_main
+        with output_lock(out, "glmtune train") if main else contextlib.nullcontext():
+            _check_output_dir(out, cfg)
+            if self.train_set is None:
+                self.prepare_datasets()  # data errors surface before the model is loaded
+            if self.model is None:
+                self.setup_model_and_tokenizer()
+            return _Fit(self, out).run()
 
     def request_stop(self) -> None:
         """Finish the current optimizer step, save a checkpoint and return."""
