@@ -12,6 +12,7 @@ variables (only when the Makefile asks for them) < CLI flags.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -153,7 +154,10 @@ class TrainConfig:
     # ------------------------------------------------------------------------
     def problems(self) -> list[str]:
         """Everything wrong with this config, so the user fixes it in one go."""
-        found = []
+        # inf/nan make no sense for any float setting: they train NaN weights or overflow
+        found = [f"{f.name}: must be a finite number, got {getattr(self, f.name)}"
+                 for f in fields(self) if isinstance(getattr(self, f.name), float)
+                 and not math.isfinite(getattr(self, f.name))]
         for name in ("batch_size", "grad_accum", "max_seq_len", "lora_r", "logging_steps"):
             if getattr(self, name) < 1:
                 found.append(f"{name}: must be a positive integer, got {getattr(self, name)}")

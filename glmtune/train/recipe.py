@@ -280,6 +280,7 @@ class _Fit:
             for step in range(self.state.step + 1, self.total_steps + 1):
                 step_started = time.perf_counter()
                 loss_sum, tokens, rows = self._optimizer_step(batches, params)
+                self._check_finite(step, loss_sum)
                 if cfg.compile and step <= first_step + 1:  # what compiling cost, vs a compiled step
                     log.info("step %d took %.1f s%s", step, time.perf_counter() - step_started,
                              " (torch.compile compiling)" if step == first_step else "")
@@ -445,9 +446,24 @@ class _Fit:
                 part = self._loss_sum(batch)
                 self.engine.backward(part * scale)
             loss_sum += part.item()
-        self.engine.step(self.optimizer, params, self.cfg.max_grad_norm)
+        self.grad_norm = self.engine.step(self.optimizer, params, self.cfg.max_grad_norm)
         loss_sum = self.dist.sum(loss_sum)[0]
         return loss_sum, int(tokens), rows
+
+    def _check_finite(self, step: int, loss_sum: float) -> None:
+        """Stop at the first NaN/inf: every later step and any save would spread it."""
+        norm = self.grad_norm
+        if math.isfinite(loss_sum) and (norm is None or math.isfinite(norm)):
+            return
+        what = (f"the training loss is {loss_sum}" if not math.isfinite(loss_sum)
+                else f"the gradient norm is {norm}")
+        saved = checkpoint.list_checkpoints(self.out)
+        kept = f"the last good checkpoint is {saved[-1][1]}" if saved else "no checkpoint exists"
+        raise GlmtuneError(
+            f"step {step}: {what}; training stopped and nothing of this run was saved after it "
+            f"({kept}; an adapter already in {self.out} is untouched). Try a lower --lr (now "
+            f"{self.cfg.lr:g}), gradient clipping (--max-grad-norm 1.0), --bf16 false, or look "
+            "for extreme values in the rows of this step")
 
     def _loss_sum(self, batch):
         """Summed cross-entropy over trained tokens (fp32), so micro-batches weigh by tokens."""
