@@ -108,8 +108,9 @@ def _open_locked(target: Path, path: Path) -> int:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise GlmtuneError(f"{path}: cannot create the output lock ({exc.strerror or exc}); "
-                               f"expected a writable directory {path.parent}") from exc
+            raise GlmtuneError(f"{target}: cannot be written (creating its lock {path}: "
+                               f"{exc.strerror or exc}); expected a directory you may write "
+                               "to") from exc
         if fcntl is None:
             return fd
         try:

@@ -206,7 +206,9 @@ def _rows_json(path: str, text: str) -> Iterator[tuple[_Loc, Any]]:
         raise DataError(path, "is empty", expected=expected)
     if text[i] != "[":
         try:
-            value = json.loads(text)
+            value = _loads(text)
+        except _JsonShapeError as e:
+            raise e.at(_Loc(path, text.count("\n", 0, i) + 1)) from None
         except json.JSONDecodeError as e:
             if text[i] == "{":  # most likely JSON Lines saved as .json
                 raise DataError(path, f"invalid JSON: {e.msg} (column {e.colno}); if the "
@@ -215,7 +217,7 @@ def _rows_json(path: str, text: str) -> Iterator[tuple[_Loc, Any]]:
             raise _invalid_json(path, e, expected) from None
         raise DataError(path, f"top level is {_json_type(value)}, not an array",
                         line=text.count("\n", 0, i) + 1, expected=expected)
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(object_pairs_hook=_unique_keys)
     line, pos = 1, 0
     i = _skip_ws(text, i + 1)
     if i < len(text) and text[i] == "]":
@@ -224,7 +226,9 @@ def _rows_json(path: str, text: str) -> Iterator[tuple[_Loc, Any]]:
     while True:
         start = _skip_ws(text, i)
         try:
-            value, i = decoder.raw_decode(text, start)
+            value, i = _shaped(decoder.raw_decode, text, start)
+        except _JsonShapeError as e:
+            raise e.at(_Loc(path, line + text.count("\n", pos, start), row + 1)) from None
         except json.JSONDecodeError as e:
             raise _invalid_json(path, e, expected) from None
         line += text.count("\n", pos, start)
@@ -245,6 +249,39 @@ def _rows_json(path: str, text: str) -> Iterator[tuple[_Loc, Any]]:
         raise _invalid_json(path, err, expected)
 
 
+class _JsonShapeError(ValueError):
+    """Valid JSON that no row should be: a key given twice, or nesting beyond any row's."""
+
+    def __init__(self, problem: str, field: str | None, expected: str):
+        super().__init__(problem)
+        self.problem, self.field, self.expected = problem, field, expected
+
+    def at(self, loc: _Loc) -> DataError:
+        return loc.error(self.problem, field=self.field, expected=self.expected)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    row = {}
+    for key, value in pairs:
+        if key in row:  # json keeps the last one silently; a CSV column twice is refused too
+            raise _JsonShapeError("key appears twice in one object", key,
+                                  "each key once (the second would silently win)")
+        row[key] = value
+    return row
+
+
+def _shaped(decode, *args):
+    try:
+        return decode(*args)
+    except RecursionError:
+        raise _JsonShapeError("JSON is nested too deeply", None,
+                              "a row object with at most a few levels of nesting") from None
+
+
+def _loads(raw: str) -> Any:
+    return _shaped(json.JSONDecoder(object_pairs_hook=_unique_keys).decode, raw)
+
+
 def _rows_jsonl(path: str, text: str) -> Iterator[tuple[_Loc, Any]]:
     # split("\n") rather than splitlines(): JSON strings may legally contain
     # raw U+2028 and friends, which splitlines() would treat as line breaks.
@@ -252,7 +289,9 @@ def _rows_jsonl(path: str, text: str) -> Iterator[tuple[_Loc, Any]]:
         if not raw.strip():
             continue
         try:
-            value = json.loads(raw)
+            value = _loads(raw)
+        except _JsonShapeError as e:
+            raise e.at(_Loc(path, number)) from None
         except json.JSONDecodeError as e:
             hint = ""
             if raw.lstrip().startswith("[") and number == _first_content_line(text):
@@ -379,7 +418,18 @@ def _string(row: dict, key: str, loc: _Loc, *, optional: bool = False,
         return None
     if not isinstance(value, str):
         raise _wrong_type(loc, path or key, value, "a string" + (" or null" if optional else ""))
+    check_unicode(value, loc, path or key)
     return value
+
+
+def check_unicode(value: str, loc: "_Loc", field: str) -> None:
+    """A lone surrogate (a JSON ``\\ud83d`` without its pair: half an emoji) breaks tokenizers."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise loc.error(f"contains a lone surrogate {value[e.start]!r} at character {e.start} "
+                        "(half of an emoji or other character; the text was cut or mis-encoded)",
+                        field=field, expected="valid Unicode text") from None
 
 
 @dataclass(frozen=True)
@@ -418,6 +468,9 @@ def _conversation(turns: list[_Turn], loc: _Loc, container: str,
         if turn.role == "assistant" and not turn.content.strip():
             raise loc.error("assistant reply is empty", field=turn.content_field,
                             expected="non-empty text: the reply is what the model learns")
+        if turn.role == "user" and not turn.content.strip():
+            raise loc.error("user message is empty or only whitespace", field=turn.content_field,
+                            expected="non-empty text: the prompt the reply answers")
         want = "assistant" if want == "user" else "user"
     last = body[-1]
     if last.role != "assistant":

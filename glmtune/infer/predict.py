@@ -11,9 +11,10 @@ from glmtune import hardware
 from glmtune.config import PredictConfig, TrainConfig, load_yaml
 from glmtune.data.sample import Message
 from glmtune.data.templates import encode_prompt, stop_token_ids
-from glmtune.errors import GlmtuneError
+from glmtune.errors import GlmtuneError, reading
 from glmtune.model import load
 from glmtune.model.family import detect_family, template_override
+from glmtune.model.lora import check_adapter_config
 from glmtune.train.artifacts import ADAPTER_CONFIG, RUN_CONFIG
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ def adapter_training_config(adapter: str) -> dict:
     if not (path / ADAPTER_CONFIG).is_file():
         raise GlmtuneError(f"{path}: not an adapter directory (no {ADAPTER_CONFIG}); expected "
                            "the output directory of `glmtune train` or any PEFT LoRA adapter")
+    check_adapter_config(path)
     run_config = path / RUN_CONFIG
     return load_yaml(run_config, TrainConfig) if run_config.is_file() else {}
 
@@ -209,8 +211,11 @@ def _adapter_base(adapter: str) -> str:
 def _attach_adapter(model, adapter: str):
     from peft import PeftModel
 
+    weights = next((Path(adapter) / n for n in ("adapter_model.safetensors", "adapter_model.bin")
+                    if (Path(adapter) / n).is_file()), Path(adapter))
     try:
-        return PeftModel.from_pretrained(model, adapter)
+        with reading(weights, "LoRA weights: safetensors, or a PyTorch file of tensors only"):
+            return PeftModel.from_pretrained(model, adapter)
     except RuntimeError as exc:
         if "size mismatch" in str(exc):
             raise GlmtuneError(f"{adapter}: this adapter was trained for a different base model "

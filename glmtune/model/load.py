@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from glmtune.errors import GlmtuneError
+from glmtune.errors import GlmtuneError, describe_load_failure
 from glmtune.model import tiny_glm
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,8 @@ def load_model(source: ModelSource, *, trust_remote_code: bool, dtype=None,
     try:
         with streaming_safetensors():
             model = loader.from_pretrained(source.path, **kwargs)
+    except (pickle.UnpicklingError, EOFError) as exc:
+        raise _weights_error(source, exc) from exc
     except SafetensorError as exc:
         raise GlmtuneError(f"{source.path}: a safetensors weight file is corrupted or "
                            f"truncated ({_first_line(exc)}); re-download or re-export it") from exc
@@ -213,6 +216,14 @@ def load_model(source: ModelSource, *, trust_remote_code: bool, dtype=None,
     if quantization_config is not None:
         keep_nf4_trainable_on_cpu(model)
     return model
+
+
+def _weights_error(source: ModelSource, exc: BaseException) -> GlmtuneError:
+    """A refused or damaged PyTorch weight file, named when there is only one."""
+    bins = sorted(Path(source.path).glob("*.bin")) if source.local else []
+    file = bins[0] if len(bins) == 1 else source.path
+    return GlmtuneError(f"{file}: {describe_load_failure(exc)} (expected model weights: "
+                        "safetensors, or PyTorch .bin files holding tensors only)")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 from glmtune import hardware
 from glmtune.config import TrainConfig, save_yaml
 from glmtune.data import dataset
-from glmtune.errors import GlmtuneError
+from glmtune.errors import GlmtuneError, writing
 from glmtune.lock import output_lock
 from glmtune.model import fused, load, lora, tiny_glm
 from glmtune.model.family import Family, detect_family, template_override
@@ -148,6 +148,8 @@ class FineTuner:
             _check_output_dir(out, cfg)
             if self.train_set is None:
                 self.prepare_datasets()  # data errors surface before the model is loaded
+            if main:
+                _check_free_space(out, self.plan)
             if self.model is None:
                 self.setup_model_and_tokenizer()
             return _Fit(self, out).run()
@@ -173,6 +175,7 @@ def _check_output_dir(out: Path, cfg: TrainConfig) -> None:
     """Refuse anything that would overwrite or orphan earlier work without being asked."""
     if out.exists() and not out.is_dir():
         raise GlmtuneError(f"{out}: output_dir exists and is not a directory")
+    _check_writable(out)
     if (out / artifacts.ADAPTER_CONFIG).exists() and not cfg.overwrite:
         raise GlmtuneError(f"{out}: already holds a finished adapter; pass --overwrite "
                            "(Make: OVERWRITE=1) to replace it, or choose another --output-dir")
@@ -182,6 +185,36 @@ def _check_output_dir(out: Path, cfg: TrainConfig) -> None:
     if not cfg.resume and checkpoint.list_checkpoints(out) and not cfg.overwrite:
         raise GlmtuneError(f"{out}: holds checkpoints of an unfinished run; continue it with "
                            "--resume auto (Make: RESUME=auto), or pass --overwrite to start over")
+
+
+def _check_writable(out: Path) -> None:
+    """Try a write where the run will write, before minutes of loading rather than after."""
+    import tempfile
+
+    place = next((p for p in (out, *out.absolute().parents) if p.exists()), Path("."))
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".glmtune-write-test-", dir=place)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise GlmtuneError(f"{out}: output_dir cannot be written ({place}: "
+                           f"{exc.strerror or exc}); expected a directory you may write to, "
+                           "choose another --output-dir") from exc
+
+
+def _check_free_space(out: Path, plan: Plan) -> None:
+    """A checkpoint and the adapter must fit on the disk: the plan knows their size."""
+    if plan.predicted is None:
+        return
+    # trained parameters take 16 bytes each in memory (weights, grads, two Adam moments); a
+    # checkpoint (weights + moments, 12) plus the final adapter (4) take as much on disk
+    needed = plan.predicted.trainable
+    place = next((p for p in (out, *out.absolute().parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(place).free
+    if free < needed:
+        raise GlmtuneError(f"{out}: {free / 2**20:.0f} MB free on {place}, but a checkpoint "
+                           f"and the adapter need about {needed / 2**20:.0f} MB; free some "
+                           "space or choose another --output-dir")
 
 
 class _StopOnSignal:
@@ -326,7 +359,9 @@ class _Fit:
 
     def _start_or_resume(self) -> None:
         cfg = self.cfg
-        resume_from = checkpoint.find_resume_point(self.out, cfg.resume) if cfg.resume else None
+        resume_from = (checkpoint.find_resume_point(self.out, cfg.resume,
+                                                    weights=not self.engine.sharded)
+                       if cfg.resume else None)
         if resume_from is None:
             if cfg.resume:
                 log.info("--resume auto: no checkpoint in %s yet, starting from scratch", self.out)
@@ -536,7 +571,8 @@ class _Fit:
         weights = self.engine.gather_trainable(self.model)  # every rank takes part
         if not self.dist.is_main:
             return
-        with artifacts.staging_dir(self.out) as staged:
+        with writing(self.out, "the run's checkpoints are intact and an earlier adapter is "
+                     "kept"), artifacts.staging_dir(self.out) as staged:
             self.model.save_pretrained(staged, **({} if weights is None else {"state_dict": weights}))
             self.tokenizer.save_pretrained(staged)
             # the resolved template, so predict/eval format prompts exactly as training did
