@@ -586,7 +586,8 @@ def _collect(cls: type, raw: dict[str, Any], source: str) -> dict[str, Any]:
     for key, value in raw.items():
         if key not in known:
             hint = _closest(str(key)[:100], known)
-            found.append(f"{excerpt(key)}: unknown key ({source})"
+            name = str(key) if len(str(key)) <= 80 else excerpt(key)
+            found.append(f"{name}: unknown key ({source})"
                          + (f"; did you mean '{hint}'?" if hint else ""))
             continue
         values[key], problem = coerce(cls, key, value, source)

@@ -52,6 +52,32 @@ BAD_INPUTS = {
                                ["--config", "@n.yaml"],
                                ["max_grad_norm: must be a finite number", "epochs: must be a finite",
                                 "memory_limit: must be a finite"]),
+    "json nested 10,000 deep": ({"deep.jsonl": (GOOD_ROW + "\n" + "[" * 10_000 + "]" * 10_000
+                                                + "\n").encode()},
+                                ["--data", "@deep.jsonl"], ["deep.jsonl:2", "nested too deeply"]),
+    "json array nested deep": ({"deep.json": ("[" + GOOD_ROW + ", " + "[" * 10_000 + "]" * 10_000
+                                              + "]").encode()},
+                               ["--data", "@deep.json"], ["deep.json:1 (row 2)", "nested too deeply"]),
+    "lone surrogate": ({"s.jsonl": (GOOD_ROW + '\n{"prompt": "emoji \\ud83d cut", '
+                                    '"response": "x"}\n').encode()},
+                       ["--data", "@s.jsonl"], ["s.jsonl:2", "field 'prompt'", "lone surrogate"]),
+    "whitespace-only prompt": ({"w.jsonl": (GOOD_ROW + '\n{"prompt": " \\t ", "response": "x"}\n'
+                                            ).encode()},
+                               ["--data", "@w.jsonl"], ["w.jsonl:2", "field 'prompt'", "whitespace"]),
+    "whitespace-only answer": ({"a.jsonl": (GOOD_ROW + '\n{"prompt": "q", "response": "\\n "}\n'
+                                            ).encode()},
+                               ["--data", "@a.jsonl"], ["a.jsonl:2", "field 'response'", "empty"]),
+    "duplicate json key": ({"k.jsonl": (GOOD_ROW + '\n{"prompt": "a", "response": "b", '
+                                        '"prompt": "c"}\n').encode()},
+                           ["--data", "@k.jsonl"], ["k.jsonl:2", "field 'prompt'", "twice"]),
+    "template: no": ({"t.yaml": b"template: no\n"}, ["--config", "@t.yaml"],
+                     ["template:", "got 'no'", "t.yaml"]),
+    "10 MB yaml value": ({"big.yaml": b"preset: " + b"x" * 10_000_000 + b"\n"},
+                         ["--config", "@big.yaml"], ["preset:", "10000002 characters"]),
+    "yaml alias bomb": ({"bomb.yaml": ('a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
+                                       + "".join(f"{c}: &{c} [" + ",".join([f"*{p}"] * 9) + "]\n"
+                                                 for p, c in zip("abcdefgh", "bcdefghi"))).encode()},
+                        ["--config", "@bomb.yaml"], ["bomb.yaml", "alias"]),
     "damaged checkpoint": ({"out/checkpoint-2/trainer_state.json": b"{not json",
                             "out/checkpoint-2/adapter_model.safetensors": b"x"},
                            ["--resume", "auto"], ["checkpoint-2", "damaged"]),
@@ -93,7 +119,7 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(case, run_cli, tiny_mod
             argv += [flag, value]
     code, _, err = run_cli("train", "--output-dir", out, *argv)
     assert code == 2, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and len(err) < 5000  # a hostile value is never echoed whole
     for text in expected:
         assert text in err, f"{text!r} not in {err!r}"
     assert snapshot(out) == before
