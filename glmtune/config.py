@@ -247,6 +247,10 @@ class PredictConfig:
     prompt: str = _opt("the prompt to answer", make="PROMPT", default=DEMO_PROMPT)
     max_new_tokens: int = _opt("longest answer in tokens", make="MAX_NEW_TOKENS", default=128)
     out: str | None = _opt("also write the answer to this file", make="PREDICTION_FILE")
+    long_prompt: str = _opt("a prompt that does not fit the model's context (with room for "
+                            "--max-new-tokens): refuse it, or truncate it (its first part is "
+                            "kept) with a warning", choices=("refuse", "truncate"),
+                            default="refuse")
     quant: str = _opt("load the base quantized (an adapter trained on a quantized base works on "
                       "the full one and the other way round)", make="QUANT_LEVEL",
                       choices=QUANT_LEVELS, default="none")
@@ -329,13 +333,14 @@ class _LoadedModel:
     model: str | None = _same(PredictConfig, "model")
     trust_remote_code: bool = _same(PredictConfig, "trust_remote_code")
     template: str = _same(PredictConfig, "template")
+    long_prompt: str = _same(PredictConfig, "long_prompt")
 
     def predict_config(self) -> PredictConfig:
         """The generation settings as a PredictConfig (subclasses add max_new_tokens, bf16, threads)."""
         return PredictConfig(adapter=self.adapter, model=self.model,
                              trust_remote_code=self.trust_remote_code, template=self.template,
                              max_new_tokens=self.max_new_tokens, bf16=self.bf16,
-                             threads=self.threads)
+                             threads=self.threads, long_prompt=self.long_prompt)
 
 
 @dataclass

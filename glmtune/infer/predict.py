@@ -73,7 +73,7 @@ class Predictor:
         for question, answer in history:
             messages += [Message("user", question), Message("assistant", answer)]
         messages.append(Message("user", prompt))
-        return encode_prompt(self.family.template, messages, self.tokenizer)
+        return fit_context(self, messages)
 
     def generate(self, prompt: str, history: Sequence[tuple[str, str]] = (),
                  max_new_tokens: int | None = None) -> str:
@@ -196,6 +196,49 @@ class Predictor:
         disable = getattr(self.model, "disable_adapter", None)
         with disable() if callable(disable) else nullcontext():
             yield self
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "seq_length", "max_sequence_length", "n_positions")
+
+
+def fit_context(predictor: Predictor, messages: list[Message]) -> list[int]:
+    """Prompt ids that leave room for the answer in the model's context, or a clear refusal.
+
+    A hostile 100,000-character prompt is never tokenized whole: beyond what the context
+    could hold even at MAX_CHARS_PER_TOKEN characters a token it is refused (or cut) first.
+    ``--long-prompt truncate`` keeps the prompt's first part, as training keeps a row's.
+    """
+    from glmtune.data.dataset import MAX_CHARS_PER_TOKEN, cut_to_chars
+    from glmtune.data.sample import Sample
+
+    config = predictor.config
+    encode = lambda m: encode_prompt(predictor.family.template, m, predictor.tokenizer)  # noqa: E731
+    context = next((predictor.source.config[k] for k in CONTEXT_KEYS
+                    if isinstance(predictor.source.config.get(k), int)), None)
+    if context is None:
+        return encode(messages)
+    limit = max(1, context - config.max_new_tokens)
+    chars = sum(len(m.content) for m in messages)
+    ids = encode(messages) if chars <= limit * MAX_CHARS_PER_TOKEN else None
+    if ids is not None and len(ids) <= limit:
+        return ids
+    size = f"{len(ids)} tokens" if ids is not None else f"{chars} characters"
+    if config.long_prompt != "truncate":
+        raise GlmtuneError(
+            f"prompt: {size} do not fit the model's context of {context} tokens with room for "
+            f"--max-new-tokens {config.max_new_tokens}; shorten it, lower --max-new-tokens, or "
+            "pass --long-prompt truncate to keep its first part")
+    sample, budget = Sample(messages=tuple(messages)), min(chars, limit * MAX_CHARS_PER_TOKEN)
+    while budget > 0:
+        kept = cut_to_chars(sample, budget) or sample
+        ids = encode(list(kept.messages))
+        if len(ids) <= limit:
+            log.warning("prompt: %s cut to its first %d characters (%d tokens) to fit the "
+                        "context of %d tokens", size, budget, len(ids), context)
+            return ids
+        budget = int(budget * limit / len(ids) * 0.95)
+    raise GlmtuneError(f"prompt: the prompt format alone does not fit {limit} tokens; lower "
+                       "--max-new-tokens")
 
 
 def _adapter_base(adapter: str) -> str:
