@@ -49,8 +49,12 @@ class TrainConfig:
     trust_remote_code: bool = _opt("allow the model directory's own Python code to run "
                                    "(needed for ChatGLM-6B/2/3)", make="TRUST_REMOTE_CODE",
                                    default=False)
-    data: str = _opt("training data: .txt, .csv, .json or .jsonl", make="DATA",
-                     default=DEFAULT_TRAIN_FILE)
+    data: str = _opt("training data: .txt, .csv, .json, .jsonl, .xlsx (first sheet, header "
+                     "row) or .parquet", make="DATA", default=DEFAULT_TRAIN_FILE)
+    encoding: str = _opt("text encoding of the data files: auto (UTF-8, else GB18030/GBK as "
+                         "Chinese Excel and Windows save, noted in the log), utf-8 or gb18030",
+                         make="DATA_ENCODING", choices=("auto", "utf-8", "gb18030"),
+                         default="auto")
     val_data: str | None = _opt("validation data in the same format as --data; 'auto' uses the "
                                 "training file's sibling named val* (train_x.jsonl -> "
                                 "val_x.jsonl) when it exists; '' for none",
@@ -350,9 +354,10 @@ class EvalConfig(_LoadedModel):
     task: str = _opt("what to score: triplet (precision / recall / F1 of extracted triplets) or "
                      "generation (ROUGE-1/2/L and BLEU-4 of the answers)",
                      choices=EVAL_TASKS, default="triplet")
-    data: str = _opt("evaluation rows with reference answers (.jsonl, .json or .csv in any "
-                     "conversation format `glmtune train` reads)", make="EVAL_DATA",
-                     default=DEFAULT_VAL_FILE)
+    data: str = _opt("evaluation rows with reference answers (.jsonl, .json, .csv, .xlsx or "
+                     ".parquet in any conversation format `glmtune train` reads)",
+                     make="EVAL_DATA", default=DEFAULT_VAL_FILE)
+    encoding: str = _same(TrainConfig, "encoding")
     output_dir: str | None = _opt("where predictions.jsonl, report.txt and metrics.json go "
                                   "(default: <adapter>/eval, or data/output/eval for a bare model)",
                                   make="EVAL_DIR")

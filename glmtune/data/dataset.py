@@ -33,8 +33,9 @@ class TokenizedSet:
     truncated: int
 
 
-def load_split(path: str, max_samples: int | None = None) -> tuple[list[Sample], str]:
-    samples, fmt = read_samples(path, max_samples=max_samples)
+def load_split(path: str, max_samples: int | None = None,
+               encoding: str = "auto") -> tuple[list[Sample], str]:
+    samples, fmt = read_samples(path, max_samples=max_samples, encoding=encoding)
     log.info("loaded %d rows from %s (%s format)", len(samples), path, fmt)
     return samples, fmt
 
@@ -96,13 +97,13 @@ def _first_rows(rows: list[int]) -> str:
 
 
 def load_train_val(train_path: str, val_path: str | None, tokenizer, template: str,
-                   max_len: int, max_samples: int | None,
-                   max_eval_samples: int | None) -> tuple[TokenizedSet, TokenizedSet | None]:
+                   max_len: int, max_samples: int | None, max_eval_samples: int | None,
+                   encoding: str = "auto") -> tuple[TokenizedSet, TokenizedSet | None]:
     """Read and check both files before tokenizing either, so bad data fails fast."""
-    train_samples, train_fmt = load_split(train_path, max_samples)
+    train_samples, train_fmt = load_split(train_path, max_samples, encoding)
     val_samples, val_fmt = (None, None)
     if val_path:
-        val_samples, val_fmt = load_split(val_path, max_eval_samples)
+        val_samples, val_fmt = load_split(val_path, max_eval_samples, encoding)
         check_same_format(train_fmt, val_fmt, val_path)
     train = tokenize(train_path, train_samples, train_fmt, tokenizer, template, max_len)
     val = tokenize(val_path, val_samples, val_fmt, tokenizer, template, max_len) if val_path else None

@@ -136,7 +136,7 @@ class FineTuner:
         cfg = self.config
         self.train_set, self.val_set = dataset.load_train_val(
             cfg.data, cfg.resolved_val_data, self.tokenizer, self.family.template,
-            cfg.max_seq_len, cfg.max_samples, cfg.max_eval_samples)
+            cfg.max_seq_len, cfg.max_samples, cfg.max_eval_samples, cfg.encoding)
 
     # ------------------------------------------------------------------ train
     def train(self) -> TrainResult:
