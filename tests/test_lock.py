@@ -112,7 +112,7 @@ def test_two_trainings_on_one_output_then_a_crash(tiny_model, triplet_dir, tmp_p
             assert time.monotonic() < deadline, "the first run never reached step 3"
             time.sleep(0.05)
         # memory.csv is excluded: the paused first run's own sampler thread keeps writing it
-        files = lambda: {str(p): p.stat().st_mtime_ns for p in out.rglob("*")  # noqa: E731
+        files = lambda: {str(p): p.stat().st_mtime_ns for p in out.rglob("*")
                          if p.name != "memory.csv"}
         before = files()
         second = subprocess.run(_train(tiny_model, triplet_dir, out, "--overwrite"), env=_env(),

@@ -428,20 +428,31 @@ def _table_rows(path: str, header: list | None, rows, offset: int) -> Iterator[t
         yield _Loc(path, number, number), {k: text(v) for k, v in zip(names, cells) if k}
 
 
+def _open_table(path: str, module: str, opener, errors: tuple, kind: str, expected: str):
+    """``opener(module)`` on ``path``; a missing package or an unreadable file is a DataError."""
+    import importlib
+
+    try:
+        lib = importlib.import_module(module)
+    except ImportError:
+        package = module.split(".")[0]
+        raise DataError(path, f"reading {Path(path).suffix} needs {package}",
+                        expected=f"pip install {package} (see requirements.txt)") from None
+    try:
+        return opener(lib)
+    except errors as e:
+        raise DataError(path, f"not a readable {kind} ({_show(str(e), 80)})",
+                        expected=expected) from None
+
+
 def _rows_xlsx(path: str) -> Iterator[tuple[_Loc, Any]]:
     """The first sheet; its first non-empty row is the header. Locations are sheet rows."""
     import zipfile
 
-    try:
-        from openpyxl import load_workbook
-    except ImportError:
-        raise DataError(path, "reading .xlsx needs openpyxl",
-                        expected="pip install openpyxl==3.1.5, or save the sheet as .csv") from None
-    try:
-        book = load_workbook(path, read_only=True, data_only=True)
-    except (OSError, zipfile.BadZipFile, KeyError, ValueError) as e:
-        raise DataError(path, f"not a readable .xlsx workbook ({_show(str(e), 80)})",
-                        expected="an Excel 2007+ workbook; save .xls files as .xlsx") from None
+    book = _open_table(path, "openpyxl",
+                       lambda lib: lib.load_workbook(path, read_only=True, data_only=True),
+                       (OSError, zipfile.BadZipFile, KeyError, ValueError), ".xlsx workbook",
+                       "an Excel 2007+ workbook; save .xls files as .xlsx")
     try:
         numbered = ((n, list(r)) for n, r in enumerate(book.worksheets[0].iter_rows(
             values_only=True), start=1))
@@ -456,16 +467,10 @@ def _rows_xlsx(path: str) -> Iterator[tuple[_Loc, Any]]:
 
 def _rows_parquet(path: str) -> Iterator[tuple[_Loc, Any]]:
     """Every row group in order; locations are 1-based row numbers."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(path, "reading .parquet needs pyarrow",
-                        expected="pip install pyarrow==26.0.1, or export the table as .jsonl") from None
-    try:
-        table = pq.ParquetFile(path)
-    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
-        raise DataError(path, f"not a readable Parquet file ({_show(str(e), 80)})",
-                        expected="a Parquet table with one row per example") from None
+    # pyarrow's ArrowInvalid is a ValueError
+    table = _open_table(path, "pyarrow.parquet", lambda pq: pq.ParquetFile(path),
+                        (OSError, ValueError), "Parquet file",
+                        "a Parquet table with one row per example")
     number = 0
     for batch in table.iter_batches(batch_size=1024):
         for row in batch.to_pylist():

@@ -212,7 +212,7 @@ def fit_context(predictor: Predictor, messages: list[Message]) -> list[int]:
     from glmtune.data.sample import Sample
 
     config = predictor.config
-    encode = lambda m: encode_prompt(predictor.family.template, m, predictor.tokenizer)  # noqa: E731
+    encode = lambda m: encode_prompt(predictor.family.template, m, predictor.tokenizer)
     context = next((predictor.source.config[k] for k in CONTEXT_KEYS
                     if isinstance(predictor.source.config.get(k), int)), None)
     if context is None:

@@ -65,7 +65,7 @@ def test_chat_refuses_too(adapter, evil_base, tmp_path):
     from glmtune.errors import GlmtuneError
     from glmtune.infer.predict import Predictor
 
-    handed, base, marker = _handed_adapter(adapter, evil_base, tmp_path)
+    handed, _, marker = _handed_adapter(adapter, evil_base, tmp_path)
     with pytest.raises(GlmtuneError, match="cannot allow that code to run"):
         Predictor(ChatConfig(adapter=str(handed), threads=1).predict_config())
     assert not marker.exists()

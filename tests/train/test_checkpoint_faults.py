@@ -38,7 +38,7 @@ def _config(tiny_model, triplet_dir, out, **over):
 def checkpoints(tiny_model, triplet_dir, tmp_path_factory):
     """checkpoint-1 and checkpoint-2 of a real run (stopped after step 2)."""
     out = tmp_path_factory.mktemp("run") / "out"
-    stop = lambda step, tuner: step == 2 and tuner.request_stop()  # noqa: E731
+    stop = lambda step, tuner: step == 2 and tuner.request_stop()
     FineTuner(_config(tiny_model, triplet_dir, out), callbacks=[stop]).train()
     assert [s for s, _ in checkpoint.list_checkpoints(out)] == [1, 2]
     return out
