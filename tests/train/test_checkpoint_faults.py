@@ -130,3 +130,20 @@ def test_unwritable_output_dir_is_refused_before_loading(tiny_model, triplet_dir
                            triplet_dir / "train_triplet.jsonl", "--output-dir", out)
     assert code == 2, err
     assert "cannot be written" in err and "Traceback" not in err
+
+
+def test_too_little_free_space_is_refused_before_loading(tiny_model, triplet_dir, monkeypatch,
+                                                         run_cli, tmp_path):
+    """A nearly full disk is mocked (shutil.disk_usage reports 1 KB free): none can be made here."""
+    import collections
+
+    from glmtune.model import load
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1024, 1024))
+    monkeypatch.setattr(load, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    code, _, err = run_cli("train", "--model", tiny_model, "--data",
+                           triplet_dir / "train_triplet.jsonl", "--output-dir", tmp_path / "out",
+                           "--threads", 1)
+    assert code == 2, err
+    assert "0 MB free" in err and "a checkpoint and the adapter need about" in err
