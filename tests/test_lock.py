@@ -9,12 +9,14 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from glmtune.errors import GlmtuneError
 from glmtune.lock import lock_path, output_lock
 
+REPO = str(Path(__file__).resolve().parents[1])
 HOLD = ("import sys, time\nfrom glmtune.lock import output_lock\n"
         "with output_lock(sys.argv[1], 'holder'):\n"
         "    print('held', flush=True)\n    time.sleep(600)\n")
@@ -27,7 +29,7 @@ def holder(tmp_path):
 
     def hold(target):
         proc = subprocess.Popen([sys.executable, "-c", HOLD, str(target)], stdout=subprocess.PIPE,
-                                text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+                                text=True, env={**os.environ, "PYTHONPATH": REPO})
         procs.append(proc)
         assert proc.stdout.readline().strip() == "held"
         return proc
@@ -95,7 +97,7 @@ def _train(tiny_model, triplet_dir, out, *extra):
 def _env(**extra):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("GLMTUNE_FAULT", "MAKE")) and k != "MFLAGS"}
-    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.getcwd(), **extra}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, **extra}
 
 
 @pytest.mark.slow
