@@ -12,6 +12,7 @@ variables (only when the Makefile asks for them) < CLI flags.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from glmtune.errors import ConfigError
+from glmtune.errors import ConfigError, excerpt
 
 DEFAULT_MODEL = "tiny-glm"
 DEFAULT_TRAIN_FILE = "data/train_triplet.jsonl"
@@ -48,8 +49,12 @@ class TrainConfig:
     trust_remote_code: bool = _opt("allow the model directory's own Python code to run "
                                    "(needed for ChatGLM-6B/2/3)", make="TRUST_REMOTE_CODE",
                                    default=False)
-    data: str = _opt("training data: .txt, .csv, .json or .jsonl", make="DATA",
-                     default=DEFAULT_TRAIN_FILE)
+    data: str = _opt("training data: .txt, .csv, .json, .jsonl, .xlsx (first sheet, header "
+                     "row) or .parquet", make="DATA", default=DEFAULT_TRAIN_FILE)
+    encoding: str = _opt("text encoding of the data files: auto (UTF-8, else GB18030/GBK as "
+                         "Chinese Excel and Windows save, noted in the log), utf-8 or gb18030",
+                         make="DATA_ENCODING", choices=("auto", "utf-8", "gb18030"),
+                         default="auto")
     val_data: str | None = _opt("validation data in the same format as --data; 'auto' uses the "
                                 "training file's sibling named val* (train_x.jsonl -> "
                                 "val_x.jsonl) when it exists; '' for none",
@@ -162,7 +167,10 @@ class TrainConfig:
     # ------------------------------------------------------------------------
     def problems(self) -> list[str]:
         """Everything wrong with this config, so the user fixes it in one go."""
-        found = []
+        # inf/nan make no sense for any float setting: they train NaN weights or overflow
+        found = [f"{f.name}: must be a finite number, got {getattr(self, f.name)}"
+                 for f in fields(self) if isinstance(getattr(self, f.name), float)
+                 and not math.isfinite(getattr(self, f.name))]
         for name in ("batch_size", "grad_accum", "max_seq_len", "lora_r", "logging_steps"):
             if getattr(self, name) < 1:
                 found.append(f"{name}: must be a positive integer, got {getattr(self, name)}")
@@ -189,16 +197,14 @@ class TrainConfig:
         from glmtune.presets import PRESETS
 
         if self.preset not in ("none", *PRESETS):
-            found.append(f"preset: must be one of none, {', '.join(PRESETS)}, got {self.preset!r}")
+            found.append(f"preset: must be one of none, {', '.join(PRESETS)}, "
+                         f"got {excerpt(self.preset)}")
+        found += _template_problems(self)
         if not 0 <= self.warmup_ratio < 1:
             found.append(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             found.append("weight_decay and max_grad_norm: must be >= 0")
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            if choices and getattr(self, f.name) not in choices:
-                found.append(f"{f.name}: must be one of {', '.join(choices)}, "
-                             f"got {getattr(self, f.name)!r}")
+        found += _choice_problems(self)
         for name in ("model", "data", "output_dir"):
             if not str(getattr(self, name)).strip():
                 found.append(f"{name}: must not be empty")
@@ -215,10 +221,8 @@ class TrainConfig:
         """Defaults < preset < each layer < keyword overrides: explicit settings win."""
         from glmtune.presets import preset_overrides
 
-        merged: dict[str, Any] = {}
-        for layer in (*layers, overrides):
-            merged.update(layer)
-        return build_config(cls, preset_overrides(preset, hw), merged, {"preset": preset})
+        return build_config(cls, preset_overrides(preset, hw), *layers, overrides,
+                            {"preset": preset})
 
     @property
     def resolved_val_data(self) -> str | None:
@@ -256,6 +260,10 @@ class PredictConfig:
     prompt: str = _opt("the prompt to answer", make="PROMPT", default=DEMO_PROMPT)
     max_new_tokens: int = _opt("longest answer in tokens", make="MAX_NEW_TOKENS", default=128)
     out: str | None = _opt("also write the answer to this file", make="PREDICTION_FILE")
+    long_prompt: str = _opt("a prompt that does not fit the model's context (with room for "
+                            "--max-new-tokens): refuse it, or truncate it (its first part is "
+                            "kept) with a warning", choices=("refuse", "truncate"),
+                            default="refuse")
     quant: str = _opt("load the base quantized (an adapter trained on a quantized base works on "
                       "the full one and the other way round)", make="QUANT_LEVEL",
                       choices=QUANT_LEVELS, default="none")
@@ -277,6 +285,13 @@ class PredictConfig:
         found += _inference_problems(self)
         if not self.adapter and not self.model:
             found.append("adapter / model: give an adapter directory, or a --model to run bare")
+        if not self.file and not self.prompt.strip():
+            found.append("prompt: must not be empty or only whitespace")
+        try:
+            self.prompt.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            found.append(f"prompt: contains a lone surrogate at character {exc.start} (half "
+                         "of an emoji or other character; expected valid Unicode text)")
         return found
 
     validate = TrainConfig.validate
@@ -303,12 +318,22 @@ def _inference_problems(config) -> list[str]:
         value = getattr(config, name, None)
         if value is not None and value < 1:
             found.append(f"{name}: must be a positive integer or unset, got {value}")
-    for f in fields(config):
-        choices = f.metadata.get("choices")
-        if choices and getattr(config, f.name) not in choices:
-            found.append(f"{f.name}: must be one of {', '.join(choices)}, "
-                         f"got {getattr(config, f.name)!r}")
-    return found
+    return found + _choice_problems(config) + _template_problems(config)
+
+
+def _choice_problems(config) -> list[str]:
+    return [f"{f.name}: must be one of {', '.join(f.metadata['choices'])}, "
+            f"got {excerpt(getattr(config, f.name))}" for f in fields(config)
+            if f.metadata.get("choices") and getattr(config, f.name) not in f.metadata["choices"]]
+
+
+def _template_problems(config) -> list[str]:
+    from glmtune.data.templates import TEMPLATES
+
+    template = getattr(config, "template", "auto")
+    if template in ("auto", *TEMPLATES):
+        return []
+    return [f"template: must be auto or one of {', '.join(TEMPLATES)}, got {excerpt(template)}"]
 
 
 DEFAULT_VAL_FILE = "data/val_triplet.jsonl"
@@ -325,6 +350,7 @@ class _LoadedModel:
     trust_remote_code: bool = _same(PredictConfig, "trust_remote_code")
     template: str = _same(PredictConfig, "template")
     show_thinking: bool = _same(PredictConfig, "show_thinking")
+    long_prompt: str = _same(PredictConfig, "long_prompt")
 
     def predict_config(self) -> PredictConfig:
         """The generation settings as a PredictConfig (subclasses add max_new_tokens, bf16, threads)."""
@@ -332,7 +358,7 @@ class _LoadedModel:
                              trust_remote_code=self.trust_remote_code, template=self.template,
                              show_thinking=self.show_thinking,
                              max_new_tokens=self.max_new_tokens, bf16=self.bf16,
-                             threads=self.threads)
+                             threads=self.threads, long_prompt=self.long_prompt)
 
 
 @dataclass
@@ -342,9 +368,10 @@ class EvalConfig(_LoadedModel):
     task: str = _opt("what to score: triplet (precision / recall / F1 of extracted triplets) or "
                      "generation (ROUGE-1/2/L and BLEU-4 of the answers)",
                      choices=EVAL_TASKS, default="triplet")
-    data: str = _opt("evaluation rows with reference answers (.jsonl, .json or .csv in any "
-                     "conversation format `glmtune train` reads)", make="EVAL_DATA",
-                     default=DEFAULT_VAL_FILE)
+    data: str = _opt("evaluation rows with reference answers (.jsonl, .json, .csv, .xlsx or "
+                     ".parquet in any conversation format `glmtune train` reads)",
+                     make="EVAL_DATA", default=DEFAULT_VAL_FILE)
+    encoding: str = _same(TrainConfig, "encoding")
     output_dir: str | None = _opt("where predictions.jsonl, report.txt and metrics.json go "
                                   "(default: <adapter>/eval, or data/output/eval for a bare model)",
                                   make="EVAL_DIR")
@@ -540,7 +567,7 @@ def coerce(cls: type, name: str, value: Any, source: str) -> tuple[Any, str | No
             return ("true" if value else "false"), None
         return str(value), None
     except (TypeError, ValueError):
-        return value, f"{name}: expected {expected}, got {value!r} ({source})"
+        return value, f"{name}: expected {expected}, got {excerpt(value)} ({source})"
 
 
 def load_yaml(path: str | os.PathLike, cls: type = None) -> dict[str, Any]:
@@ -553,9 +580,12 @@ def load_yaml(path: str | os.PathLike, cls: type = None) -> dict[str, Any]:
     if not path.is_file():
         raise GlmtuneError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = _safe_yaml(path.read_text(encoding="utf-8"), path)
     except UnicodeDecodeError as exc:
         raise GlmtuneError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    except RecursionError as exc:
+        raise GlmtuneError(f"{path}: YAML nested too deeply (expected a flat mapping of "
+                           "config keys)") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -575,6 +605,70 @@ ALIASES = {
 }
 
 
+MAX_YAML_NODES = 10_000  # a config has ~60 keys; aliases must not expand past this
+
+
+def _safe_yaml(text: str, path: Path) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 booleans and a bound on alias expansion.
+
+    YAML 1.1 reads yes/no/on/off as booleans, so ``template: no`` became False and was
+    reported as 'false'; here only true/false are booleans and the rest stay as written
+    (``coerce`` still reads yes/no for boolean fields). Aliases can multiply a 1 KB file
+    into gigabytes ("billion laughs"): the composed document is measured, expanded,
+    before anything is built from it.
+    """
+    import re
+
+    import yaml
+
+    from glmtune.errors import GlmtuneError
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    bool_tag = "tag:yaml.org,2002:bool"
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != bool_tag]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+    loader = Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node) > MAX_YAML_NODES:
+            raise GlmtuneError(f"{path}: YAML aliases expand to more than {MAX_YAML_NODES} "
+                               "values (an alias bomb?); expected a plain mapping of config keys")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(root) -> float:
+    """Nodes in the document with every alias expanded, counted without expanding it."""
+    import yaml
+
+    sizes: dict[int, float] = {}
+    pending = [(root, False)]
+    while pending:
+        node, children_done = pending.pop()
+        if id(node) in sizes and not children_done:
+            continue
+        children = []
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [part for pair in node.value for part in pair]
+        if children_done:
+            sizes[id(node)] = 1 + sum(sizes.get(id(c), float("inf")) for c in children)
+            continue
+        sizes[id(node)] = float("inf")  # in progress: a cycle through it is infinite
+        pending.append((node, True))
+        pending.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
+
+
 def _collect(cls: type, raw: dict[str, Any], source: str) -> dict[str, Any]:
     """Field values from a YAML mapping; every unknown key, wrong type and bad value in one error."""
     import logging
@@ -584,8 +678,10 @@ def _collect(cls: type, raw: dict[str, Any], source: str) -> dict[str, Any]:
     for key, value in raw.items():
         name = ALIASES.get(str(key), key) if key not in known else key
         if name not in known:
-            hint = _closest(str(key), known)
-            found.append(f"{key}: unknown key ({source})" + (f"; did you mean '{hint}'?" if hint else ""))
+            hint = _closest(str(key)[:100], known)
+            shown = str(key) if len(str(key)) <= 80 else excerpt(key)
+            found.append(f"{shown}: unknown key ({source})"
+                         + (f"; did you mean '{hint}'?" if hint else ""))
             continue
         if name in given:  # an alias and our own name, in either order
             found.append(f"{key}: sets {name} again (also set as '{given[name]}') ({source})")
@@ -604,7 +700,16 @@ def _collect(cls: type, raw: dict[str, Any], source: str) -> dict[str, Any]:
         except TypeError:  # a config whose fields cannot be built without the bad ones
             pass
         raise ConfigError(found, source.removeprefix("in "))
-    return values
+    return _Layer(values, source)
+
+
+class _Layer(dict):
+    """Field values that remember where they came from, so a problem found later (in
+    ``problems()``) still names the file or flag they were written in."""
+
+    def __init__(self, values: dict[str, Any], source: str):
+        super().__init__(values)
+        self.source = source
 
 
 def _closest(word: str, candidates) -> str | None:
@@ -625,9 +730,22 @@ def from_make_environment(cls: type, environ: dict[str, str] | None = None) -> d
 def build_config(cls: type, *layers: dict[str, Any]):
     """Defaults overridden by each layer in turn, then validated."""
     merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
     for layer in layers:
         merged.update(layer)
-    return cls(**merged).validate()
+        for name in layer:
+            if isinstance(layer, _Layer):
+                origin[name] = layer.source
+            else:
+                origin.pop(name, None)
+    config = cls(**merged)
+    found = config.problems()
+    if found:
+        # each problem starts with its field's name: say where that value came from
+        raise ConfigError([p + (f" ({origin[p.split(':')[0]]})"
+                                if p.split(":")[0] in origin and origin[p.split(":")[0]] not in p
+                                else "") for p in found])
+    return config
 
 
 def save_yaml(config, path: str | os.PathLike) -> None:

@@ -13,7 +13,7 @@ A preset only fills in settings: any option the user gives explicitly wins
 
 from __future__ import annotations
 
-from glmtune.errors import GlmtuneError
+from glmtune.errors import GlmtuneError, excerpt
 from glmtune.hardware import GB
 
 PRESETS: dict[str, dict[str, object]] = {
@@ -66,7 +66,7 @@ def preset_overrides(name: str, hw=None) -> dict[str, object]:
     if name == "none":
         return {}
     if name not in PRESETS:
-        raise GlmtuneError(f"preset: unknown preset {name!r}; choose one of none, "
+        raise GlmtuneError(f"preset: unknown preset {excerpt(name)}; choose one of none, "
                            f"{', '.join(PRESETS)}")
     if name == "auto":
         if hw is None:

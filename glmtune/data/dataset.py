@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from glmtune.data.formats import check_same_format, read_samples
-from glmtune.data.sample import Sample
+from glmtune.data.sample import Message, Sample
 from glmtune.data.templates import encode
 from glmtune.errors import DataError
 
@@ -33,17 +33,43 @@ class TokenizedSet:
     truncated: int
 
 
-def load_split(path: str, max_samples: int | None = None) -> tuple[list[Sample], str]:
-    samples, fmt = read_samples(path, max_samples=max_samples)
+def load_split(path: str, max_samples: int | None = None,
+               encoding: str = "auto") -> tuple[list[Sample], str]:
+    samples, fmt = read_samples(path, max_samples=max_samples, encoding=encoding)
     log.info("loaded %d rows from %s (%s format)", len(samples), path, fmt)
     return samples, fmt
 
 
+# No token of any tokenizer we know covers more characters than this, so a row's first
+# max_len tokens lie within its first max_len * MAX_CHARS_PER_TOKEN characters: the rest
+# is cut before tokenizing (a 50 MB row once took 9 GB to tokenize, only to be truncated).
+MAX_CHARS_PER_TOKEN = 32
+
+
+def cut_to_chars(sample: Sample, limit: int) -> Sample | None:
+    """``sample`` with at most ``limit`` characters of text, in order; None if it fits."""
+    if sample.is_plain:
+        return Sample(text=sample.text[:limit]) if len(sample.text) > limit else None
+    if sum(len(m.content) for m in sample.messages) <= limit:
+        return None
+    left, messages = limit, []
+    for message in sample.messages:  # every turn stays, so the conversation keeps its shape
+        messages.append(Message(message.role, message.content[:left]))
+        left -= len(messages[-1].content)
+    return Sample(messages=tuple(messages))
+
+
 def tokenize(path: str, samples: list[Sample], fmt: str, tokenizer, template: str,
              max_len: int) -> TokenizedSet:
-    rows, truncated, dropped = [], 0, []
+    rows, truncated, dropped, cut = [], 0, [], []
+    limit = max_len * MAX_CHARS_PER_TOKEN
     for index, sample in enumerate(samples, start=1):
+        shorter = cut_to_chars(sample, limit)
+        if shorter is not None:
+            sample = shorter
+            cut.append(index)
         ids, labels, was_truncated = encode(template, sample, tokenizer, max_len)
+        was_truncated = was_truncated or shorter is not None
         row = Encoded(ids, labels)
         if row.trained_tokens == 0:
             # The answer starts beyond max_len: nothing of it would be trained.
@@ -54,24 +80,30 @@ def tokenize(path: str, samples: list[Sample], fmt: str, tokenizer, template: st
     if not rows:
         raise DataError(path, f"no row has an answer within the first {max_len} tokens",
                         field="max_seq_len", expected="a larger --max-seq-len or shorter prompts")
+    if cut:
+        log.warning("%s: %d rows longer than %d characters were cut to that before tokenizing "
+                    "(rows %s)", path, len(cut), limit, _first_rows(cut))
     if truncated:
         log.warning("%s: %d of %d rows were longer than --max-seq-len %d and were truncated",
                     path, truncated, len(samples), max_len)
     if dropped:
-        shown = ", ".join(map(str, dropped[:10])) + (" ..." if len(dropped) > 10 else "")
         log.warning("%s: skipped %d rows whose answer starts after --max-seq-len %d tokens "
-                    "(rows %s)", path, len(dropped), max_len, shown)
+                    "(rows %s)", path, len(dropped), max_len, _first_rows(dropped))
     return TokenizedSet(path, fmt, rows, truncated)
 
 
+def _first_rows(rows: list[int]) -> str:
+    return ", ".join(map(str, rows[:10])) + (" ..." if len(rows) > 10 else "")
+
+
 def load_train_val(train_path: str, val_path: str | None, tokenizer, template: str,
-                   max_len: int, max_samples: int | None,
-                   max_eval_samples: int | None) -> tuple[TokenizedSet, TokenizedSet | None]:
+                   max_len: int, max_samples: int | None, max_eval_samples: int | None,
+                   encoding: str = "auto") -> tuple[TokenizedSet, TokenizedSet | None]:
     """Read and check both files before tokenizing either, so bad data fails fast."""
-    train_samples, train_fmt = load_split(train_path, max_samples)
+    train_samples, train_fmt = load_split(train_path, max_samples, encoding)
     val_samples, val_fmt = (None, None)
     if val_path:
-        val_samples, val_fmt = load_split(val_path, max_eval_samples)
+        val_samples, val_fmt = load_split(val_path, max_eval_samples, encoding)
         check_same_format(train_fmt, val_fmt, val_path)
     train = tokenize(train_path, train_samples, train_fmt, tokenizer, template, max_len)
     val = tokenize(val_path, val_samples, val_fmt, tokenizer, template, max_len) if val_path else None

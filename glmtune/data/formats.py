@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +26,12 @@ from typing import Any, Iterator
 from glmtune.data.sample import Message, Sample
 from glmtune.errors import DataError
 
+log = logging.getLogger(__name__)
+
 FORMATS = ("text", "prompt_response", "alpaca", "sharegpt", "openai")
 
-EXTENSIONS = (".txt", ".csv", ".json", ".jsonl")
+EXTENSIONS = (".txt", ".csv", ".json", ".jsonl", ".xlsx", ".parquet")
+ENCODINGS = ("auto", "utf-8", "gb18030")
 
 # Keys that identify a format, tried in this order. Order matters: the
 # Stanford Alpaca release carries a pre-rendered "text" column next to
@@ -160,7 +164,9 @@ def _wrong_type(loc: _Loc, field: str, value: Any, expected: str) -> DataError:
 # Files -> raw rows
 
 
-def _read_text(path: str) -> str:
+def _read_text(path: str, encoding: str = "auto") -> str:
+    """The file's text: UTF-8 (a BOM is dropped), GB18030, or auto: UTF-8, else GB18030
+    (what Chinese Excel and Windows save; GBK is a subset) with a note in the log."""
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
@@ -169,16 +175,39 @@ def _read_text(path: str) -> str:
         raise DataError(path, "is a directory, not a data file") from None
     except OSError as e:
         raise DataError(path, f"cannot be read: {e.strerror or e}") from None
+    if encoding == "gb18030":
+        return _decode(path, data, "gb18030")
     if data.startswith(b"\xef\xbb\xbf"):  # Windows editors add a UTF-8 BOM
         data = data[3:]
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
         problem = f"byte 0x{data[e.start]:02x} is not valid UTF-8"
         if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
             problem = "file is UTF-16 encoded; re-save it as UTF-8"
-        raise DataError(path, problem, line=line, expected="UTF-8 text") from None
+        elif encoding == "auto":
+            try:
+                text = data.decode("gb18030")
+            except UnicodeDecodeError:
+                problem += " (nor GB18030)"
+            else:
+                log.info("%s: not UTF-8; read as GB18030 (GBK), as saved by Chinese Excel and "
+                         "Windows (--encoding gb18030 says so, --encoding utf-8 refuses)", path)
+                return text
+        else:
+            problem += "; if it was saved by Chinese Excel or Windows, pass --encoding gb18030"
+        raise DataError(path, problem, line=data.count(b"\n", 0, e.start) + 1,
+                        expected="UTF-8 text" + (" or GB18030" if encoding == "auto" else "")
+                        ) from None
+
+
+def _decode(path: str, data: bytes, encoding: str) -> str:
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise DataError(path, f"byte 0x{data[e.start]:02x} is not valid {encoding.upper()}",
+                        line=data.count(b"\n", 0, e.start) + 1,
+                        expected=f"{encoding.upper()} text (or --encoding auto)") from None
 
 
 def _skip_ws(text: str, i: int) -> int:
@@ -206,7 +235,9 @@ def _rows_json(path: str, text: str) -> Iterator[tuple[_Loc, Any]]:
         raise DataError(path, "is empty", expected=expected)
     if text[i] != "[":
         try:
-            value = json.loads(text)
+            value = _loads(text)
+        except _JsonShapeError as e:
+            raise e.at(_Loc(path, text.count("\n", 0, i) + 1)) from None
         except json.JSONDecodeError as e:
             if text[i] == "{":  # most likely JSON Lines saved as .json
                 raise DataError(path, f"invalid JSON: {e.msg} (column {e.colno}); if the "
@@ -215,7 +246,7 @@ def _rows_json(path: str, text: str) -> Iterator[tuple[_Loc, Any]]:
             raise _invalid_json(path, e, expected) from None
         raise DataError(path, f"top level is {_json_type(value)}, not an array",
                         line=text.count("\n", 0, i) + 1, expected=expected)
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(object_pairs_hook=_unique_keys)
     line, pos = 1, 0
     i = _skip_ws(text, i + 1)
     if i < len(text) and text[i] == "]":
@@ -224,7 +255,9 @@ def _rows_json(path: str, text: str) -> Iterator[tuple[_Loc, Any]]:
     while True:
         start = _skip_ws(text, i)
         try:
-            value, i = decoder.raw_decode(text, start)
+            value, i = _shaped(decoder.raw_decode, text, start)
+        except _JsonShapeError as e:
+            raise e.at(_Loc(path, line + text.count("\n", pos, start), row + 1)) from None
         except json.JSONDecodeError as e:
             raise _invalid_json(path, e, expected) from None
         line += text.count("\n", pos, start)
@@ -245,6 +278,39 @@ def _rows_json(path: str, text: str) -> Iterator[tuple[_Loc, Any]]:
         raise _invalid_json(path, err, expected)
 
 
+class _JsonShapeError(ValueError):
+    """Valid JSON that no row should be: a key given twice, or nesting beyond any row's."""
+
+    def __init__(self, problem: str, field: str | None, expected: str):
+        super().__init__(problem)
+        self.problem, self.field, self.expected = problem, field, expected
+
+    def at(self, loc: _Loc) -> DataError:
+        return loc.error(self.problem, field=self.field, expected=self.expected)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    row = {}
+    for key, value in pairs:
+        if key in row:  # json keeps the last one silently; a CSV column twice is refused too
+            raise _JsonShapeError("key appears twice in one object", key,
+                                  "each key once (the second would silently win)")
+        row[key] = value
+    return row
+
+
+def _shaped(decode, *args):
+    try:
+        return decode(*args)
+    except RecursionError:
+        raise _JsonShapeError("JSON is nested too deeply", None,
+                              "a row object with at most a few levels of nesting") from None
+
+
+def _loads(raw: str) -> Any:
+    return _shaped(json.JSONDecoder(object_pairs_hook=_unique_keys).decode, raw)
+
+
 def _rows_jsonl(path: str, text: str) -> Iterator[tuple[_Loc, Any]]:
     # split("\n") rather than splitlines(): JSON strings may legally contain
     # raw U+2028 and friends, which splitlines() would treat as line breaks.
@@ -252,7 +318,9 @@ def _rows_jsonl(path: str, text: str) -> Iterator[tuple[_Loc, Any]]:
         if not raw.strip():
             continue
         try:
-            value = json.loads(raw)
+            value = _loads(raw)
+        except _JsonShapeError as e:
+            raise e.at(_Loc(path, number)) from None
         except json.JSONDecodeError as e:
             hint = ""
             if raw.lstrip().startswith("[") and number == _first_content_line(text):
@@ -342,8 +410,80 @@ def _rows_txt(path: str, text: str) -> Iterator[tuple[_Loc, Any]]:
             yield _Loc(path, number), {"text": raw}
 
 
+def _table_rows(path: str, header: list | None, rows, offset: int) -> Iterator[tuple[_Loc, Any]]:
+    """Rows of a spreadsheet or Parquet table as CSV rows are read: the header names the
+    columns (checked like a CSV header), numbers become text, empty cells empty text."""
+    def text(cell):
+        if cell is None:
+            return ""
+        if isinstance(cell, float) and cell.is_integer():
+            return str(int(cell))
+        return cell if isinstance(cell, (str, list, dict)) else str(cell)
+
+    names = _csv_header(path, [str(c if c is not None else "") for c in header], offset) \
+        if header is not None else None
+    for number, cells in rows:
+        if not any(text(c) for c in cells):
+            continue
+        yield _Loc(path, number, number), {k: text(v) for k, v in zip(names, cells) if k}
+
+
+def _open_table(path: str, module: str, opener, errors: tuple, kind: str, expected: str):
+    """``opener(module)`` on ``path``; a missing package or an unreadable file is a DataError."""
+    import importlib
+
+    try:
+        lib = importlib.import_module(module)
+    except ImportError:
+        package = module.split(".")[0]
+        raise DataError(path, f"reading {Path(path).suffix} needs {package}",
+                        expected=f"pip install {package} (see requirements.txt)") from None
+    try:
+        return opener(lib)
+    except errors as e:
+        raise DataError(path, f"not a readable {kind} ({_show(str(e), 80)})",
+                        expected=expected) from None
+
+
+def _rows_xlsx(path: str) -> Iterator[tuple[_Loc, Any]]:
+    """The first sheet; its first non-empty row is the header. Locations are sheet rows."""
+    import zipfile
+
+    book = _open_table(path, "openpyxl",
+                       lambda lib: lib.load_workbook(path, read_only=True, data_only=True),
+                       (OSError, zipfile.BadZipFile, KeyError, ValueError), ".xlsx workbook",
+                       "an Excel 2007+ workbook; save .xls files as .xlsx")
+    try:
+        numbered = ((n, list(r)) for n, r in enumerate(book.worksheets[0].iter_rows(
+            values_only=True), start=1))
+        for number, cells in numbered:
+            if any(c is not None and str(c).strip() for c in cells):
+                yield from _table_rows(path, cells, numbered, number)
+                return
+        raise DataError(path, "is empty", expected="a header row, then one row per example")
+    finally:
+        book.close()
+
+
+def _rows_parquet(path: str) -> Iterator[tuple[_Loc, Any]]:
+    """Every row group in order; locations are 1-based row numbers."""
+    # pyarrow's ArrowInvalid is a ValueError
+    table = _open_table(path, "pyarrow.parquet", lambda pq: pq.ParquetFile(path),
+                        (OSError, ValueError), "Parquet file",
+                        "a Parquet table with one row per example")
+    number = 0
+    for batch in table.iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            number += 1
+            if not isinstance(row, dict) or not any(v not in (None, "") for v in row.values()):
+                continue
+            # nested columns (conversations, messages) arrive as lists of dicts, like JSON
+            yield _Loc(path, number, number), {str(k).strip().lower(): v for k, v in row.items()}
+
+
 _READERS = {".txt": _rows_txt, ".csv": _rows_csv, ".json": _rows_json,
             ".jsonl": _rows_jsonl}
+_BINARY_READERS = {".xlsx": _rows_xlsx, ".parquet": _rows_parquet}
 
 
 # --------------------------------------------------------------------------
@@ -379,7 +519,18 @@ def _string(row: dict, key: str, loc: _Loc, *, optional: bool = False,
         return None
     if not isinstance(value, str):
         raise _wrong_type(loc, path or key, value, "a string" + (" or null" if optional else ""))
+    check_unicode(value, loc, path or key)
     return value
+
+
+def check_unicode(value: str, loc: "_Loc", field: str) -> None:
+    """A lone surrogate (a JSON ``\\ud83d`` without its pair: half an emoji) breaks tokenizers."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise loc.error(f"contains a lone surrogate {value[e.start]!r} at character {e.start} "
+                        "(half of an emoji or other character; the text was cut or mis-encoded)",
+                        field=field, expected="valid Unicode text") from None
 
 
 @dataclass(frozen=True)
@@ -418,6 +569,9 @@ def _conversation(turns: list[_Turn], loc: _Loc, container: str,
         if turn.role == "assistant" and not turn.content.strip():
             raise loc.error("assistant reply is empty", field=turn.content_field,
                             expected="non-empty text: the reply is what the model learns")
+        if turn.role == "user" and not turn.content.strip():
+            raise loc.error("user message is empty or only whitespace", field=turn.content_field,
+                            expected="non-empty text: the prompt the reply answers")
         want = "assistant" if want == "user" else "user"
     last = body[-1]
     if last.role != "assistant":
@@ -536,7 +690,8 @@ _CONVERTERS = {
 # Public API
 
 
-def read_samples(path, max_samples: int | None = None) -> tuple[list[Sample], str]:
+def read_samples(path, max_samples: int | None = None,
+                 encoding: str = "auto") -> tuple[list[Sample], str]:
     """Read a data file, auto-detecting its extension and row format.
 
     Returns ``(samples, format_name)`` with ``format_name`` one of FORMATS
@@ -551,14 +706,20 @@ def read_samples(path, max_samples: int | None = None) -> tuple[list[Sample], st
     path = os.fspath(path)
     suffix = Path(path).suffix.lower()
     reader = _READERS.get(suffix)
-    if reader is None:
+    if reader is None and suffix not in _BINARY_READERS:
         raise DataError(path, f"unsupported file type {suffix or '(no extension)'!r}",
                         expected="one of " + ", ".join(EXTENSIONS))
-    text = _read_text(path)
+    if reader is None:
+        if not Path(path).is_file():
+            raise DataError(path, "file not found")
+        text, rows = None, _BINARY_READERS[suffix](path)
+    else:
+        text = _read_text(path, encoding)
+        rows = reader(path, text)
 
     samples: list[Sample] = []
     ctx: _Ctx | None = None
-    for loc, row in reader(path, text):
+    for loc, row in rows:
         if not isinstance(row, dict):
             raise loc.error(f"row is {_json_type(row)} {_show(row)}, not an object",
                             expected="a JSON object such as " + _SHAPES.split("; ")[1])
@@ -576,7 +737,7 @@ def read_samples(path, max_samples: int | None = None) -> tuple[list[Sample], st
         if max_samples is not None and len(samples) >= max_samples:
             break
     if ctx is None:
-        raise DataError(path, "is empty" if not text.strip() else "is empty: it has no rows",
+        raise DataError(path, "is empty" if not (text or "").strip() else "is empty: it has no rows",
                         expected="at least one row")
     return samples, ctx.fmt
 

@@ -51,9 +51,10 @@ class EvalResult:
     predictions: dict[str, list[str]] = field(default_factory=dict)
 
 
-def load_examples(path: str, max_samples: int | None = None) -> list[Example]:
+def load_examples(path: str, max_samples: int | None = None,
+                  encoding: str = "auto") -> list[Example]:
     """Prompt / reference pairs from any conversation format ``glmtune train`` reads."""
-    samples, fmt = read_samples(path, max_samples)
+    samples, fmt = read_samples(path, max_samples, encoding)
     if fmt == "text":
         raise DataError(path, "rows are plain text, so there is no reference answer to score",
                         field="text", expected="rows with a prompt and a reference answer: "
@@ -64,7 +65,7 @@ def load_examples(path: str, max_samples: int | None = None) -> list[Example]:
 def evaluate(config: EvalConfig, predictor=None) -> EvalResult:
     """Score ``config.adapter`` (and the base, if asked) on ``config.data``; write the files."""
     config = config.validate()
-    examples = load_examples(config.data, config.max_samples)
+    examples = load_examples(config.data, config.max_samples, config.encoding)
     if predictor is None:
         from glmtune.infer.predict import Predictor
 

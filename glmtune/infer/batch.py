@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from glmtune.config import PredictConfig
-from glmtune.data.formats import _read_text
+from glmtune.data.formats import _JsonShapeError, _Loc, _loads, _read_text, check_unicode
 from glmtune.errors import DataError, GlmtuneError
+from glmtune.lock import output_lock
 from glmtune.train.artifacts import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -75,11 +76,14 @@ def read_prompts(file: str) -> list[PromptRow]:
 
 def _jsonl_row(file: str, number: int, raw: str) -> PromptRow:
     try:
-        value = json.loads(raw)
+        value = _loads(raw)
+    except _JsonShapeError as exc:
+        raise exc.at(_Loc(file, number)) from None
     except json.JSONDecodeError as exc:
         raise DataError(file, f"invalid JSON: {exc.msg} (column {exc.colno})", line=number,
                         expected=JSONL_ROW) from None
     if isinstance(value, str):
+        check_unicode(value, _Loc(file, number), "prompt")
         return PromptRow(number, value)
     if not isinstance(value, dict):
         raise DataError(file, f"row is a JSON {type(value).__name__}", line=number,
@@ -98,6 +102,10 @@ def _jsonl_row(file: str, number: int, raw: str) -> PromptRow:
                         expected="a string")
     if extra and extra.strip():
         prompt = f"{prompt}\n{extra}"  # as alpaca rows are read for training
+    check_unicode(prompt, _Loc(file, number), key)
+    if not prompt.strip():
+        raise DataError(file, "is empty or only whitespace", line=number, field=key,
+                        expected="a prompt to answer")
     history = value.get("history") or []
     if not isinstance(history, list) or not all(
             isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)
@@ -152,6 +160,12 @@ def batch_predict(config: PredictConfig, predictor=None) -> BatchResult:
         raise GlmtuneError("file: batch prediction needs --file with the prompts")
     rows = read_prompts(config.file)
     out = Path(config.out) if config.out else default_output(config.file)
+    with output_lock(out, "glmtune predict --file"):
+        return _answer_rest(config, rows, out, predictor)
+
+
+def _answer_rest(config: PredictConfig, rows: list[PromptRow], out: Path,
+                 predictor) -> BatchResult:
     done = _answered(out, rows, config.file)
     todo = [row for row in rows if row.line not in done]
     if done:

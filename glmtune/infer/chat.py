@@ -16,6 +16,8 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
+from glmtune.errors import GlmtuneError
+
 HELP = "/clear forgets the conversation, /exit (or end of input) quits"
 
 
@@ -47,7 +49,11 @@ def run_chat(predictor, stdin: TextIO | None = None, stdout: TextIO | None = Non
             continue
         if interactive:
             print("助手> ", end="", file=stdout, flush=True)
-        answer = _print_stream(predictor.stream(message, history), stdout)
+        try:
+            answer = _print_stream(predictor.stream(message, history), stdout)
+        except GlmtuneError as exc:  # a message too long for the context: say so, keep chatting
+            print(f"\nerror: {exc}", file=stderr, flush=True)
+            continue
         history.append((message, answer))
         answers += 1
     return answers

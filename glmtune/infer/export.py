@@ -24,6 +24,7 @@ from pathlib import Path
 
 from glmtune.config import DEMO_PROMPT, ExportConfig, PredictConfig
 from glmtune.errors import GlmtuneError
+from glmtune.lock import output_lock
 from glmtune.train import artifacts
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,22 @@ class ExportResult:
     probe_tokens: int
 
 
+def check_overlap(out: Path, inputs: dict[str, str]) -> None:
+    """Refuse an output that is, contains or lies inside an input: replacing it deletes that."""
+    target = out.resolve()
+    for what, given in inputs.items():
+        source = Path(given).expanduser()
+        if not source.exists():
+            continue  # a hub id, not a directory we could destroy
+        source = source.resolve()
+        if target == source or source in target.parents or target in source.parents:
+            relation = ("is" if target == source else
+                        "is inside" if source in target.parents else "contains")
+            raise GlmtuneError(f"{out}: --out {relation} the {what} {given}; replacing it would "
+                               f"delete the {what}. Choose an --out outside it (default: "
+                               "<adapter>-merged)")
+
+
 def check_target(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise GlmtuneError(f"{out}: exists and is not a directory; --out must be a directory")
@@ -51,19 +68,25 @@ def check_target(out: Path, overwrite: bool) -> None:
 
 def export(config: ExportConfig) -> ExportResult:
     """Merge, verify, save. Returns where the model went and the largest logit difference."""
-    import torch
-
-    from glmtune.infer.predict import Predictor
+    from glmtune.infer.predict import Predictor, adapter_training_config
 
     config = config.validate()
     if not Path(config.adapter).is_dir():
         raise GlmtuneError(f"{config.adapter}: adapter directory not found; export merges an "
                            "adapter written by `glmtune train` into its base model")
     out = Path(config.resolved_out)
-    check_target(out, config.overwrite)  # before minutes of loading, not after
-    predictor = Predictor(PredictConfig(adapter=config.adapter, model=config.model,
-                                        trust_remote_code=config.trust_remote_code,
-                                        bf16="false", threads=config.threads, out=None))
+    base = config.model or adapter_training_config(config.adapter).get("model")
+    check_overlap(out, {"adapter": config.adapter, **({"base model": base} if base else {})})
+    with output_lock(out, "glmtune export"):
+        check_target(out, config.overwrite)  # before minutes of loading, not after
+        return _merge_and_save(config, out, Predictor(PredictConfig(
+            adapter=config.adapter, model=config.model, trust_remote_code=config.trust_remote_code,
+            bf16="false", threads=config.threads, out=None)))
+
+
+def _merge_and_save(config: ExportConfig, out: Path, predictor) -> ExportResult:
+    import torch
+
     model = predictor.model
     original = predictor.source.chatglm in (2, 3)  # written back in THUDM's layout
     original_adapter = None

@@ -12,9 +12,10 @@ from glmtune import hardware
 from glmtune.config import PredictConfig, TrainConfig, load_yaml
 from glmtune.data.sample import Message
 from glmtune.data.templates import encode_prompt, stop_token_ids, strip_thinking
-from glmtune.errors import GlmtuneError
+from glmtune.errors import GlmtuneError, reading
 from glmtune.model import load
 from glmtune.model.family import detect_family, template_override
+from glmtune.model.lora import check_adapter_config
 from glmtune.train.artifacts import ADAPTER_CONFIG, RUN_CONFIG
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ def adapter_training_config(adapter: str) -> dict:
     if not (path / ADAPTER_CONFIG).is_file():
         raise GlmtuneError(f"{path}: not an adapter directory (no {ADAPTER_CONFIG}); expected "
                            "the output directory of `glmtune train` or any PEFT LoRA adapter")
+    check_adapter_config(path)
     run_config = path / RUN_CONFIG
     return load_yaml(run_config, TrainConfig) if run_config.is_file() else {}
 
@@ -42,13 +44,17 @@ class Predictor:
         self.config = config.validate()
         trained = adapter_training_config(config.adapter) if config.adapter else {}
         model_name = config.model or trained.get("model") or _adapter_base(config.adapter)
-        trust = config.trust_remote_code or bool(trained.get("trust_remote_code", False))
+        # An adapter is data: only this command's own flag may let a model's code run.
+        trust = config.trust_remote_code
         hw = hardware.detect()
         hardware.set_threads(config.threads)
         self.bf16 = hw.bf16 if config.bf16 == "auto" else config.bf16 == "true"
         self.device = torch.device(hw.device)
 
         source = self.source = load.resolve(model_name)
+        if config.adapter and not config.model:
+            log.info("base model: %s (recorded in adapter %s)", model_name, config.adapter)
+            load.check_remote_code(source, trust, recorded_in=config.adapter)
         self.tokenizer = load.load_tokenizer(source, trust)
         self.base_family = detect_family(source.config, self.tokenizer, source.path)
         self.family = self.family_for(trained)
@@ -82,7 +88,7 @@ class Predictor:
         for question, answer in history:
             messages += [Message("user", question), Message("assistant", answer)]
         messages.append(Message("user", prompt))
-        return encode_prompt(self.family.template, messages, self.tokenizer)
+        return fit_context(self, messages)
 
     def generate(self, prompt: str, history: Sequence[tuple[str, str]] = (),
                  max_new_tokens: int | None = None, sampling: Sampling | None = None) -> str:
@@ -265,21 +271,23 @@ class _HiddenThinking:
     def __init__(self, rows: int, on_text: Callable[[int, str], None] | None):
         self.on_text = on_text
         self.held = [""] * rows
-        self.decided = [False] * rows
+        self.decided = [False] * rows  # whether the row opened with a <think> block is known
+        self.started = [False] * rows  # some of the answer itself has been passed on
 
     def feed(self, row: int, piece: str) -> None:
-        if self.decided[row]:
+        if self.started[row]:
             self.on_text(row, piece)
             return
-        start = (self.held[row] + piece).lstrip()
-        self.held[row] = start
-        if "<think>".startswith(start) or (start.startswith("<think>") and "</think>" not in start):
-            return  # undecided, or inside the block
-        self.decided[row] = True
-        if start.startswith("<think>"):
-            start = start.split("</think>", 1)[1].lstrip()
-        if start:
-            self.on_text(row, start)
+        text = self.held[row] = (self.held[row] + piece).lstrip()  # as strip_thinking does
+        if not self.decided[row]:
+            if "<think>".startswith(text) or (text.startswith("<think>") and "</think>" not in text):
+                return  # undecided, or inside the block
+            self.decided[row] = True
+            if text.startswith("<think>"):
+                text = self.held[row] = text.split("</think>", 1)[1].lstrip()
+        if text:
+            self.on_text(row, text)
+            self.started[row] = True
 
     def finish(self, row: int, answer: Answer) -> Answer:
         if self.on_text is not None and not self.decided[row] and self.held[row]:
@@ -359,6 +367,49 @@ class _Rows:
         return Answer(self.final[row], prompt_tokens, self.generated[row], self.reason[row])
 
 
+CONTEXT_KEYS = ("max_position_embeddings", "seq_length", "max_sequence_length", "n_positions")
+
+
+def fit_context(predictor: Predictor, messages: list[Message]) -> list[int]:
+    """Prompt ids that leave room for the answer in the model's context, or a clear refusal.
+
+    A hostile 100,000-character prompt is never tokenized whole: beyond what the context
+    could hold even at MAX_CHARS_PER_TOKEN characters a token it is refused (or cut) first.
+    ``--long-prompt truncate`` keeps the prompt's first part, as training keeps a row's.
+    """
+    from glmtune.data.dataset import MAX_CHARS_PER_TOKEN, cut_to_chars
+    from glmtune.data.sample import Sample
+
+    config = predictor.config
+    encode = lambda m: encode_prompt(predictor.family.template, m, predictor.tokenizer)
+    context = next((predictor.source.config[k] for k in CONTEXT_KEYS
+                    if isinstance(predictor.source.config.get(k), int)), None)
+    if context is None:
+        return encode(messages)
+    limit = max(1, context - config.max_new_tokens)
+    chars = sum(len(m.content) for m in messages)
+    ids = encode(messages) if chars <= limit * MAX_CHARS_PER_TOKEN else None
+    if ids is not None and len(ids) <= limit:
+        return ids
+    size = f"{len(ids)} tokens" if ids is not None else f"{chars} characters"
+    if config.long_prompt != "truncate":
+        raise GlmtuneError(
+            f"prompt: {size} do not fit the model's context of {context} tokens with room for "
+            f"--max-new-tokens {config.max_new_tokens}; shorten it, lower --max-new-tokens, or "
+            "pass --long-prompt truncate to keep its first part")
+    sample, budget = Sample(messages=tuple(messages)), min(chars, limit * MAX_CHARS_PER_TOKEN)
+    while budget > 0:
+        kept = cut_to_chars(sample, budget) or sample
+        ids = encode(list(kept.messages))
+        if len(ids) <= limit:
+            log.warning("prompt: %s cut to its first %d characters (%d tokens) to fit the "
+                        "context of %d tokens", size, budget, len(ids), context)
+            return ids
+        budget = int(budget * limit / len(ids) * 0.95)
+    raise GlmtuneError(f"prompt: the prompt format alone does not fit {limit} tokens; lower "
+                       "--max-new-tokens")
+
+
 def _adapter_base(adapter: str) -> str:
     import json
 
@@ -375,8 +426,11 @@ def _attach_adapter(model, adapter: str, name: str = "default"):
 
     from glmtune.model.lora import v5_target_names
 
+    weights = next((Path(adapter) / n for n in ("adapter_model.safetensors", "adapter_model.bin")
+                    if (Path(adapter) / n).is_file()), Path(adapter))
     try:
-        with v5_target_names(model):
+        with reading(weights, "LoRA weights: safetensors, or a PyTorch file of tensors only"), \
+                v5_target_names(model):
             if isinstance(model, PeftModel):
                 model.load_adapter(adapter, adapter_name=name)
                 return model

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from glmtune.errors import GlmtuneError
+from glmtune.errors import GlmtuneError, describe_load_failure
 from glmtune.model import tiny_glm
 from glmtune.model.chatglm import detect as chatglm
 
@@ -89,10 +90,21 @@ def _read_config(path: Path) -> dict[str, Any]:
     return data
 
 
-def check_remote_code(source: ModelSource, trust_remote_code: bool) -> None:
-    """Refuse remote code unless asked, instead of letting transformers prompt on stdin."""
+def check_remote_code(source: ModelSource, trust_remote_code: bool,
+                      recorded_in: str | None = None) -> None:
+    """Refuse remote code unless asked, instead of letting transformers prompt on stdin.
+
+    ``recorded_in``: the adapter directory the base model was named by; what an
+    adapter records is never a permission, so the message says whose code it is.
+    """
     if source.needs_remote_code and not trust_remote_code:
         kind = source.config.get("model_type", "this model")
+        if recorded_in is not None:
+            raise GlmtuneError(
+                f"{recorded_in}: the adapter's recorded base model {source.path} ('{kind}') "
+                "ships its own Python code (auto_map in config.json); an adapter cannot allow "
+                "that code to run. If you trust that model, add --trust-remote-code to this "
+                "command; otherwise pass --model with a base you trust")
         raise GlmtuneError(
             f"{source.path}: '{kind}' ships its own Python code (auto_map in config.json), "
             "which glmtune runs only when you allow it: add --trust-remote-code "
@@ -220,6 +232,8 @@ def load_model(source: ModelSource, *, trust_remote_code: bool, dtype=None,
             with streaming_safetensors():
                 model = loader.from_pretrained(source.path, trust_remote_code=trust_remote_code,
                                                **kwargs)
+    except (pickle.UnpicklingError, EOFError) as exc:
+        raise _weights_error(source, exc) from exc
     except SafetensorError as exc:
         raise GlmtuneError(f"{source.path}: a safetensors weight file is corrupted or "
                            f"truncated ({_first_line(exc)}); re-download or re-export it") from exc
@@ -233,6 +247,14 @@ def load_model(source: ModelSource, *, trust_remote_code: bool, dtype=None,
     if quantization_config is not None:
         keep_nf4_trainable_on_cpu(model)
     return model
+
+
+def _weights_error(source: ModelSource, exc: BaseException) -> GlmtuneError:
+    """A refused or damaged PyTorch weight file, named when there is only one."""
+    bins = sorted(Path(source.path).glob("*.bin")) if source.local else []
+    file = bins[0] if len(bins) == 1 else source.path
+    return GlmtuneError(f"{file}: {describe_load_failure(exc)} (expected model weights: "
+                        "safetensors, or PyTorch .bin files holding tensors only)")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -115,3 +115,41 @@ def attach_lora(model, family: Family, *, r: int, alpha: int, dropout: float, ta
     log.info("trainable params: %s || all params: %s || trainable%%: %.4f",
              f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return peft_model
+
+
+def check_adapter_config(adapter_dir) -> dict:
+    """``adapter_config.json`` read and checked before peft sees it (peft answers a broken
+    one with a TypeError or KeyError from deep inside)."""
+    import json
+    from pathlib import Path
+
+    from peft import PeftType
+
+    from glmtune.errors import excerpt, reading
+
+    file = Path(adapter_dir) / "adapter_config.json"
+    expected = 'a JSON object like {"peft_type": "LORA", "r": 16, "lora_alpha": 32, ...}'
+    with reading(file, expected):
+        config = json.loads(file.read_text(encoding="utf-8"))
+    problems = []
+    if not isinstance(config, dict):
+        problems.append(f"top level is a JSON {type(config).__name__}")
+        config = {}
+    kinds = [t.value for t in PeftType]
+    peft_type = config.get("peft_type", "LORA")
+    if peft_type not in kinds:
+        problems.append(f"peft_type {excerpt(peft_type)} is not a PEFT method (e.g. LORA)")
+    r = config.get("r", 8)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        problems.append(f"r is {excerpt(r)}, not a positive integer")
+    alpha = config.get("lora_alpha", 8)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        problems.append(f"lora_alpha is {excerpt(alpha)}, not a number")
+    targets = config.get("target_modules")
+    if not (targets is None or isinstance(targets, str)
+            or (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
+        problems.append(f"target_modules is {excerpt(targets)}, not a list of module names")
+    if problems:
+        raise GlmtuneError(f"{file}: broken adapter config: {'; '.join(problems)} "
+                           f"(expected {expected})")
+    return config

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from glmtune.errors import GlmtuneError
+from glmtune.errors import GlmtuneError, describe_load_failure, excerpt, writing
 from glmtune.train import faults
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,8 @@ def save(out: Path, state: TrainerState, model, optimizer, scheduler, *,
     target = out / f"checkpoint-{state.step}"
     if staged is None:
         _remove_stale_temporaries(out)
-    with (_adopted(staged) if staged else staging_dir(target)) as staged:
+    with writing(target, "the earlier checkpoints are intact"), \
+            (_adopted(staged) if staged else staging_dir(target)) as staged:
         model.save_pretrained(staged, **({} if weights is None else {"state_dict": weights}))
         tensors = {"scheduler": scheduler.state_dict(), "rng": _rng_state()}
         if optimizer is not None:
@@ -135,9 +136,11 @@ def _adopted(path: Path):
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _damaged(path: Path, exc: BaseException) -> GlmtuneError:
-    return GlmtuneError(f"{path}: checkpoint is damaged ({str(exc).splitlines()[0]}); "
-                        "resume from an earlier checkpoint-N with --resume PATH")
+def _damaged(file: Path, exc: BaseException) -> GlmtuneError:
+    what = describe_load_failure(exc) or excerpt(str(exc).strip().splitlines()[0]
+                                                 if str(exc).strip() else type(exc).__name__)
+    return GlmtuneError(f"{file}: checkpoint is damaged: {what}; resume from an earlier "
+                        "checkpoint-N with --resume PATH")
 
 
 def saved_config(path: Path) -> dict[str, Any]:
@@ -154,18 +157,10 @@ def load(path: Path, model, optimizer, scheduler) -> TrainerState:
     ``optimizer=None`` (a sharded run): the adapter and optimizer come back through
     the engine's own state in ``ENGINE_DIR``; this restores the rest.
     """
-    import torch
     from peft import set_peft_model_state_dict
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
-    try:
-        state = TrainerState(**json.loads((path / STATE_FILE).read_text("utf-8")))
-        tensors = torch.load(path / TENSORS_FILE, weights_only=True, map_location="cpu")
-        # a sharded run's adapter comes back with its engine state instead
-        weights = load_file(path / "adapter_model.safetensors") if optimizer is not None else None
-    except (OSError, ValueError, TypeError, RuntimeError, SafetensorError) as exc:
-        raise _damaged(path, exc) from exc
+    # a sharded run's adapter comes back with its engine state instead
+    state, tensors, weights = _read(path, weights=optimizer is not None)
     if optimizer is not None:
         set_peft_model_state_dict(model, {k: v.to(next(model.parameters()).device)
                                           for k, v in weights.items()})
@@ -175,8 +170,34 @@ def load(path: Path, model, optimizer, scheduler) -> TrainerState:
     return state
 
 
-def find_resume_point(out: Path, resume: str) -> Path | None:
-    """``auto``: the newest complete checkpoint in ``out`` (None if there is none)."""
+def _read(path: Path, weights: bool = True):
+    """(state, tensors, adapter weights) of a checkpoint; a damaged file is named."""
+    import pickle
+
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    file = path / STATE_FILE
+    try:
+        state = TrainerState(**json.loads(file.read_text("utf-8")))
+        file = path / TENSORS_FILE
+        tensors = torch.load(file, weights_only=True, map_location="cpu")
+        if not isinstance(tensors, dict) or not {"scheduler", "rng"} <= tensors.keys():
+            raise ValueError("not the optimizer/scheduler/RNG state glmtune saves")
+        file = path / "adapter_model.safetensors"
+        return state, tensors, load_file(file) if weights else None
+    except (OSError, ValueError, TypeError, RuntimeError, SafetensorError,
+            pickle.UnpicklingError, EOFError) as exc:
+        raise _damaged(file, exc) from exc
+
+
+def find_resume_point(out: Path, resume: str, weights: bool = True) -> Path | None:
+    """``auto``: the newest complete checkpoint in ``out`` that loads (None if there is none).
+
+    Damaged newer ones are skipped with a warning saying why; if every one is damaged,
+    nothing is silently restarted: the error lists them all.
+    """
     if resume != "auto":
         path = Path(resume)
         if not (path / STATE_FILE).is_file():
@@ -184,7 +205,23 @@ def find_resume_point(out: Path, resume: str) -> Path | None:
                                f"a checkpoint-N directory inside an output directory")
         return path
     found = list_checkpoints(out)
-    return found[-1][1] if found else None
+    skipped = []
+    for _, path in reversed(found):
+        try:
+            _read(path, weights)
+        except GlmtuneError as exc:
+            skipped.append(str(exc).split("; resume from")[0])
+            log.warning("--resume auto: skipping %s", skipped[-1])
+            continue
+        if skipped:
+            log.warning("--resume auto: resuming from %s, the newest checkpoint that loads "
+                        "(skipped %d damaged)", path, len(skipped))
+        return path
+    if skipped:
+        raise GlmtuneError("--resume auto: every checkpoint is damaged:\n  - "
+                           + "\n  - ".join(skipped)
+                           + "\npass --overwrite to start over, or --resume PATH")
+    return None
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -231,15 +231,20 @@ class Engine:
         else:
             loss.backward()
 
-    def step(self, optimizer, params, max_grad_norm: float) -> None:
+    def step(self, optimizer, params, max_grad_norm: float) -> float | None:
+        """Clip, step, zero; returns the gradient norm before clipping (None if not computed)."""
         if self.deepspeed:
-            return
+            return None
         import torch
 
+        norm = None
         if max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            total = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            # FSDP2 returns the norm as a DTensor
+            norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return norm
 
     def gather_trainable(self, model) -> dict | None:
         """The full trainable tensors on rank 0 (a collective: every rank calls it).

@@ -13,6 +13,7 @@ CPUs, which measured 1.7x faster than fp32 here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -26,7 +27,8 @@ from glmtune import hardware
 from glmtune.config import TrainConfig, save_yaml
 from glmtune.data import dataset
 from glmtune.data.sampler import Sampler
-from glmtune.errors import GlmtuneError
+from glmtune.errors import GlmtuneError, writing
+from glmtune.lock import output_lock
 from glmtune.model import fused, load, lora, tiny_glm
 from glmtune.model.family import Family, detect_family, template_override
 from glmtune.plan import Plan, halve_batch, plan_for_model
@@ -137,18 +139,23 @@ class FineTuner:
         cfg = self.config
         self.train_set, self.val_set = dataset.load_train_val(
             cfg.data, cfg.resolved_val_data, self.tokenizer, self.family.template,
-            cfg.max_seq_len, cfg.max_samples, cfg.max_eval_samples)
+            cfg.max_seq_len, cfg.max_samples, cfg.max_eval_samples, cfg.encoding)
 
     # ------------------------------------------------------------------ train
     def train(self) -> TrainResult:
         cfg = self.config
         out = Path(cfg.output_dir)
-        _check_output_dir(out, cfg)
-        if self.train_set is None:
-            self.prepare_datasets()  # data errors surface before the model is loaded
-        if self.model is None:
-            self.setup_model_and_tokenizer()
-        return _Fit(self, out).run()
+        # one writer per output directory (rank 0 holds it for all the run's processes)
+        main = distributed.from_environment().is_main
+        with output_lock(out, "glmtune train") if main else contextlib.nullcontext():
+            _check_output_dir(out, cfg)
+            if self.train_set is None:
+                self.prepare_datasets()  # data errors surface before the model is loaded
+            if main:
+                _check_free_space(out, self.plan)
+            if self.model is None:
+                self.setup_model_and_tokenizer()
+            return _Fit(self, out).run()
 
     def request_stop(self) -> None:
         """Finish the current optimizer step, save a checkpoint and return."""
@@ -171,6 +178,7 @@ def _check_output_dir(out: Path, cfg: TrainConfig) -> None:
     """Refuse anything that would overwrite or orphan earlier work without being asked."""
     if out.exists() and not out.is_dir():
         raise GlmtuneError(f"{out}: output_dir exists and is not a directory")
+    _check_writable(out)
     if (out / artifacts.ADAPTER_CONFIG).exists() and not cfg.overwrite:
         raise GlmtuneError(f"{out}: already holds a finished adapter; pass --overwrite "
                            "(Make: OVERWRITE=1) to replace it, or choose another --output-dir")
@@ -180,6 +188,36 @@ def _check_output_dir(out: Path, cfg: TrainConfig) -> None:
     if not cfg.resume and checkpoint.list_checkpoints(out) and not cfg.overwrite:
         raise GlmtuneError(f"{out}: holds checkpoints of an unfinished run; continue it with "
                            "--resume auto (Make: RESUME=auto), or pass --overwrite to start over")
+
+
+def _check_writable(out: Path) -> None:
+    """Try a write where the run will write, before minutes of loading rather than after."""
+    import tempfile
+
+    place = next((p for p in (out, *out.absolute().parents) if p.exists()), Path("."))
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".glmtune-write-test-", dir=place)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise GlmtuneError(f"{out}: output_dir cannot be written ({place}: "
+                           f"{exc.strerror or exc}); expected a directory you may write to, "
+                           "choose another --output-dir") from exc
+
+
+def _check_free_space(out: Path, plan: Plan) -> None:
+    """A checkpoint and the adapter must fit on the disk: the plan knows their size."""
+    if plan.predicted is None:
+        return
+    # trained parameters take 16 bytes each in memory (weights, grads, two Adam moments); a
+    # checkpoint (weights + moments, 12) plus the final adapter (4) take as much on disk
+    needed = plan.predicted.trainable
+    place = next((p for p in (out, *out.absolute().parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(place).free
+    if free < needed:
+        raise GlmtuneError(f"{out}: {free / 2**20:.0f} MB free on {place}, but a checkpoint "
+                           f"and the adapter need about {needed / 2**20:.0f} MB; free some "
+                           "space or choose another --output-dir")
 
 
 class _StopOnSignal:
@@ -278,6 +316,7 @@ class _Fit:
             for step in range(self.state.step + 1, self.total_steps + 1):
                 step_started = time.perf_counter()
                 loss_sum, tokens, rows = self._optimizer_step(batches, params)
+                self._check_finite(step, loss_sum)
                 if cfg.compile and step <= first_step + 1:  # what compiling cost, vs a compiled step
                     log.info("step %d took %.1f s%s", step, time.perf_counter() - step_started,
                              " (torch.compile compiling)" if step == first_step else "")
@@ -323,7 +362,9 @@ class _Fit:
 
     def _start_or_resume(self) -> None:
         cfg = self.cfg
-        resume_from = checkpoint.find_resume_point(self.out, cfg.resume) if cfg.resume else None
+        resume_from = (checkpoint.find_resume_point(self.out, cfg.resume,
+                                                    weights=not self.engine.sharded)
+                       if cfg.resume else None)
         if resume_from is None:
             if cfg.resume:
                 log.info("--resume auto: no checkpoint in %s yet, starting from scratch", self.out)
@@ -437,9 +478,24 @@ class _Fit:
                 part = self._loss_sum(batch)
                 self.engine.backward(part * scale)
             loss_sum += part.item()
-        self.engine.step(self.optimizer, params, self.cfg.max_grad_norm)
+        self.grad_norm = self.engine.step(self.optimizer, params, self.cfg.max_grad_norm)
         loss_sum = self.dist.sum(loss_sum)[0]
         return loss_sum, int(tokens), rows
+
+    def _check_finite(self, step: int, loss_sum: float) -> None:
+        """Stop at the first NaN/inf: every later step and any save would spread it."""
+        norm = self.grad_norm
+        if math.isfinite(loss_sum) and (norm is None or math.isfinite(norm)):
+            return
+        what = (f"the training loss is {loss_sum}" if not math.isfinite(loss_sum)
+                else f"the gradient norm is {norm}")
+        saved = checkpoint.list_checkpoints(self.out)
+        kept = f"the last good checkpoint is {saved[-1][1]}" if saved else "no checkpoint exists"
+        raise GlmtuneError(
+            f"step {step}: {what}; training stopped and nothing of this run was saved after it "
+            f"({kept}; an adapter already in {self.out} is untouched). Try a lower --lr (now "
+            f"{self.cfg.lr:g}), gradient clipping (--max-grad-norm 1.0), --bf16 false, or look "
+            "for extreme values in the rows of this step")
 
     def _loss_sum(self, batch):
         import torch
@@ -501,7 +557,8 @@ class _Fit:
         weights = self.engine.gather_trainable(self.model)  # every rank takes part
         if not self.dist.is_main:
             return
-        with artifacts.staging_dir(self.out) as staged:
+        with writing(self.out, "the run's checkpoints are intact and an earlier adapter is "
+                     "kept"), artifacts.staging_dir(self.out) as staged:
             self.model.save_pretrained(staged, **({} if weights is None else {"state_dict": weights}))
             self.tokenizer.save_pretrained(staged)
             # the resolved template, so predict/eval format prompts exactly as training did

@@ -235,7 +235,7 @@ BAD = [
      ["wrongtype_history.jsonl:1", "'history[0][1]'", "a string"]),
     ("history_pair.jsonl", as_jsonl([{**ROW_PR, "history": [["only one"]]}]),
      ["history_pair.jsonl:1", "'history[0]'", "pair"]),
-    ("data.parquet", "whatever", ["data.parquet", ".jsonl", ".csv", ".txt"]),
+    ("data.xls", "whatever", ["data.xls", ".jsonl", ".csv", ".xlsx"]),
     ("noext", "whatever", ["noext", ".jsonl"]),
     ("noheader.csv", "what is 2+2?,4\nhi,hello\n", ["noheader.csv:1", "header"]),
     ("history.csv", "prompt,response,history\nq,a,x\n", ["history.csv:1", "'history'", "CSV"]),
@@ -299,3 +299,78 @@ def test_directory_is_refused(tmp_path):
     (tmp_path / "dir.jsonl").mkdir()
     with pytest.raises(DataError, match="directory"):
         read_samples(tmp_path / "dir.jsonl")
+
+
+# --- files our users have (issue 13, failure 9) -------------------------------------------
+
+GBK_ROWS = "prompt,response\n北京是哪国的首都？,中国\n上海在哪里？,中国东部\n"
+
+
+def test_gb18030_text_is_read_in_auto_and_refused_with_a_hint_in_utf8(tmp_path, caplog):
+    from glmtune.data.formats import read_samples
+
+    caplog.set_level("INFO", logger="glmtune")
+    path = tmp_path / "excel.csv"
+    path.write_bytes(GBK_ROWS.encode("gbk"))
+    samples, fmt = read_samples(path)
+    assert fmt == "prompt_response" and samples[0].messages[0].content == "北京是哪国的首都？"
+    assert "read as GB18030" in caplog.text
+    assert read_samples(path, encoding="gb18030")[0] == samples
+    with pytest.raises(DataError, match=r"excel.csv:2: .*not valid UTF-8; .*--encoding gb18030"):
+        read_samples(path, encoding="utf-8")
+
+
+def test_bytes_that_are_neither_utf8_nor_gb18030(tmp_path):
+    from glmtune.data.formats import read_samples
+
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes(b'{"prompt": "caf\xe9", "response": "x"}\n')
+    with pytest.raises(DataError, match=r"latin.jsonl:1: .*nor GB18030"):
+        read_samples(path)
+
+
+def test_xlsx_first_sheet_with_header_row(tmp_path):
+    from openpyxl import Workbook
+
+    from glmtune.data.formats import read_samples
+
+    book = Workbook()
+    sheet = book.active
+    sheet.append([])  # a blank first row: the header is the first non-empty one
+    sheet.append(["Prompt ", "Response"])
+    sheet.append(["1+1=?", 2])
+    sheet.append(["北京？", "中国"])
+    book.create_sheet("ignored").append(["text"])
+    path = tmp_path / "d.xlsx"
+    book.save(path)
+    samples, fmt = read_samples(path)
+    assert fmt == "prompt_response"
+    assert [(s.messages[0].content, s.messages[1].content) for s in samples] == [
+        ("1+1=?", "2"), ("北京？", "中国")]
+    sheet.append(["no answer", None])
+    book.save(path)
+    with pytest.raises(DataError, match=r"d.xlsx:5 \(row 5\): field 'response'"):
+        read_samples(path)
+
+
+def test_parquet_flat_and_nested_rows(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from glmtune.data.formats import read_samples
+
+    flat = tmp_path / "flat.parquet"
+    pq.write_table(pa.table({"instruction": ["翻译", "总结"], "input": ["hello", None],
+                             "output": ["你好", "好"]}), flat)
+    samples, fmt = read_samples(flat)
+    assert fmt == "alpaca" and samples[0].messages[0].content == "翻译\nhello"
+    nested = tmp_path / "chat.parquet"
+    pq.write_table(pa.table({"messages": [
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+        [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]]}), nested)
+    with pytest.raises(DataError, match=r"chat.parquet:2 \(row 2\): field 'messages\[1\]"):
+        read_samples(nested)
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"not parquet")
+    with pytest.raises(DataError, match="broken.parquet: not a readable Parquet file"):
+        read_samples(broken)

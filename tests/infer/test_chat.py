@@ -81,3 +81,11 @@ def test_chat_through_a_pipe(adapter, tiny_model, predictor):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"{first}\n{second}\n{after_clear}\n"
     assert "/clear" in proc.stderr  # the banner says how to use it
+
+
+def test_a_message_beyond_the_context_is_refused_and_the_chat_goes_on(predictor):
+    stdout, stderr = io.StringIO(), io.StringIO()
+    stdin = io.StringIO("北京" * 60_000 + "\n你好\n")
+    assert run_chat(predictor, stdin, stdout, stderr, interactive=False) == 1
+    assert "do not fit the model's context" in stderr.getvalue()
+    assert stdout.getvalue() == predictor.generate("你好") + "\n"

@@ -98,3 +98,31 @@ def test_export_remote_code_model(auto_model_only, run_cli, tmp_path):
     ids = with_adapter.prompt_ids(PROBE)
     merged = load.load_model(load.resolve(str(out)), trust_remote_code=True).eval()
     assert (logits(merged, ids) - logits(with_adapter.model, ids)).abs().max().item() <= 1e-4
+
+
+OVERLAPS = {  # --out relative to the adapter / base -> the words of the refusal
+    "out is the adapter": (lambda a, b: a, "is the adapter"),
+    "out inside the adapter": (lambda a, b: a / "merged", "is inside the adapter"),
+    "out contains the adapter": (lambda a, b: a.parent, "contains the adapter"),
+    "out is the base": (lambda a, b: b, "is the base model"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OVERLAPS))
+def test_export_never_writes_over_its_own_inputs(case, adapter, tiny_model, run_cli, tmp_path):
+    import shutil
+
+    from tests.conftest import snapshot
+
+    own = tmp_path / "work" / "lora"
+    shutil.copytree(adapter, own)
+    (own / "metrics.jsonl").write_text('{"step": 1}\n')
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    out_for, words = OVERLAPS[case]
+    before = snapshot(tmp_path)
+    code, _, err = run_cli("export", "--adapter", own, "--model", base, "--out",
+                           out_for(own, base), "--overwrite")
+    assert code == 2, err
+    assert words in err and "Traceback" not in err
+    assert snapshot(tmp_path) == before

@@ -67,3 +67,17 @@ def test_adapter_for_another_base_is_refused(adapter, tiny_model, tmp_path):
     AutoModelForCausalLM.from_config(config).save_pretrained(other)
     with pytest.raises(GlmtuneError, match="different base model"):
         Predictor(PredictConfig(adapter=str(adapter), model=str(other)))
+
+
+def test_prompt_beyond_the_context_is_refused_or_truncated(adapter, tiny_model, run_cli):
+    """A 100,000-character prompt (~50x tiny-glm's 2048-token context; issue 13, failure 6)."""
+    huge = "北京是中国的首都。" * 11_112
+    common = ("predict", "--adapter", adapter, "--model", tiny_model, "--prompt", huge,
+              "--max-new-tokens", 4, "--threads", 1)
+    code, out, err = run_cli(*common)
+    assert code == 2 and not out
+    assert "do not fit the model's context of 2048 tokens" in err and "--long-prompt truncate" in err
+    assert len(err) < 1000
+    code, out, err = run_cli(*common, "--long-prompt", "truncate")
+    assert code == 0, err
+    assert "cut to its first" in err and "to fit the context of 2048 tokens" in err

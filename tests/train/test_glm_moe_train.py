@@ -93,6 +93,8 @@ def test_streamed_reasoning_is_held_back_piece_by_piece():
     sent, final = _visible(["\n<th", "ink>ad", "d</thi", "nk>\nfo", "ur"])
     assert "".join(sent).strip() == final == ANSWER
     assert _visible(["plain ", "answer"]) == (["plain ", "answer"], "plain answer")
+    sent, final = _visible(["<think>a</think>", "\n", "four", " and", " five"])
+    assert sent == ["four", " and", " five"] and final == "four and five"
     sent, final = _visible(["<think>cut off"])
     assert "".join(sent) == final == "<think>cut off"
 
