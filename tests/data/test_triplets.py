@@ -133,7 +133,9 @@ def test_write_failure_leaves_old_file_intact(tmp_path, monkeypatch):
     def boom(*_args, **_kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(gen.os, "replace", boom)
+    from glmtune import atomic
+
+    monkeypatch.setattr(atomic.os, "replace", boom)
     with pytest.raises(OSError):
         gen.write(tmp_path, n_train=8, n_val=2, seed=9)
     assert train_path.read_bytes() == before
