@@ -54,6 +54,23 @@ class Plan:
         return data
 
 
+def report(hw: Hardware, plan: Plan, final: TrainConfig, preset_note: str | None = None) -> str:
+    """What `glmtune plan` prints: hardware, preset, plan, predicted peak memory, settings."""
+    from glmtune import hardware
+
+    lines = [hardware.describe(hw)]
+    if preset_note:
+        lines.append(f"preset: {preset_note}")
+    lines.append(f"plan: {plan.describe()}")
+    if plan.predicted is not None:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in plan.predicted.breakdown().items() if k != "peak")
+        lines.append(f"predicted peak memory: {plan.predicted.peak / GB:.2f} GB ({parts} GB)")
+    lines.append("settings: " + ", ".join(f"{k}={getattr(final, k)}" for k in (
+        "quant", "batch_size", "grad_accum", "max_seq_len", "gradient_checkpointing", "lora_r",
+        "max_samples")))
+    return "\n".join(lines)
+
+
 def memory_budget(config: TrainConfig, hw: Hardware, processes: int = 1) -> int:
     """Per process: MEMORY_LIMIT if given, else what is available now minus a safety margin.
 
