@@ -306,7 +306,8 @@ def build(registry: jobs.JobRegistry | None = None, cache: PredictorCache | None
                     form = [schema.form_value(cfg.TrainConfig, name, job.settings)
                             for name in ["model", "data", *names]]
                 shown_dir = form[2 + names.index("output_dir")]
-                return (*form, *job_view(registry, shown_dir, _lang(request)))
+                lang = _lang(request)
+                return (*form, *job_view(registry, shown_dir, lang), *check_data(form[1], lang))
 
             check.click(on_check, data, [data_status, preview])
             data.submit(on_check, data, [data_status, preview])
@@ -317,7 +318,7 @@ def build(registry: jobs.JobRegistry | None = None, cache: PredictorCache | None
             stop.click(on_stop, None, action)
             view = [status, stats, plot, log_box]
             timer.tick(on_refresh, output_dir, view, show_progress="hidden")
-            page.load(on_load, form_inputs, [*form_inputs, *view])
+            page.load(on_load, form_inputs, [*form_inputs, *view, data_status, preview])
 
             # ------------------------------------------------------------ chat
             with gr.Tab(i18n("tab_chat"), id="chat", elem_id="tab-chat"):

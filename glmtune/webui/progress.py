@@ -32,10 +32,16 @@ class Progress:
     stopped_at: int | None = None
 
     def frame(self):
-        """The loss points as the DataFrame a Gradio LinePlot takes."""
+        """The loss points as the DataFrame a Gradio LinePlot takes.
+
+        Each series starts with an empty (NaN) point: the plot fixes its series from
+        the first data it gets, and a run logs a validation loss before any training
+        loss, so without it the training curve would never be drawn.
+        """
         import pandas as pd
 
-        return pd.DataFrame(self.points or [], columns=["step", "loss", "series"])
+        placeholders = [(0, float("nan"), TRAIN), (0, float("nan"), VALIDATION)]
+        return pd.DataFrame(placeholders + self.points, columns=["step", "loss", "series"])
 
 
 def read_log(out: Path, log_file: str, limit: int = 20000) -> str:

@@ -141,13 +141,15 @@ def test_progress_is_read_from_the_output_directory(tmp_path):
                             (10, 4.5, "validation")]
     assert (state.step, state.total_steps, state.loss, state.tokens_per_s) == (10, 20, 4.0, 120.0)
     assert (state.rss_gb, state.peak_rss_gb) == (0.5, 0.6)
-    frame = state.frame()
+    frame = state.frame().dropna()
     assert list(frame.columns) == ["step", "loss", "series"] and len(frame) == 4
+    # both series exist from the first frame on (the plot fixes its series then)
+    assert set(progress.read_progress(tmp_path).frame()["series"]) == {"train", "validation"}
 
 
 def test_an_empty_directory_has_no_progress(tmp_path):
     state = progress.read_progress(tmp_path)
-    assert state.points == [] and state.rss_gb is None and len(state.frame()) == 0
+    assert state.points == [] and state.rss_gb is None and len(state.frame().dropna()) == 0
 
 
 def test_failed_and_stopped_runs_are_read_from_the_log():
@@ -176,7 +178,7 @@ def test_the_page_view_of_a_finished_cli_run(tmp_path):
     (out / "adapter_config.json").write_text("{}")
     status, line, frame, log_text = job_view(jobs.JobRegistry(), str(out), "en")
     assert status == f"Finished: adapter in {out}"
-    assert "step 10 / 20" in line and "4 points plotted" in line and len(frame) == 4
+    assert "step 10 / 20" in line and "4 points plotted" in line and len(frame.dropna()) == 4
     status_zh, line_zh, _, _ = job_view(jobs.JobRegistry(), str(out), "zh")
     assert status_zh.startswith("已完成") and "已绘制 4 个点" in line_zh
 
