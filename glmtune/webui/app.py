@@ -15,18 +15,15 @@ import os
 # Before gradio is imported anywhere: the page never phones home.
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-import logging  # noqa: E402
-import threading  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-from pathlib import Path  # noqa: E402
+import threading
+from contextlib import contextmanager
+from pathlib import Path
 
-import gradio as gr  # noqa: E402
+import gradio as gr
 
-from glmtune import config as cfg  # noqa: E402
-from glmtune.errors import GlmtuneError  # noqa: E402
-from glmtune.webui import jobs, labels, progress, schema  # noqa: E402
-
-log = logging.getLogger(__name__)
+from glmtune import config as cfg
+from glmtune.errors import GlmtuneError
+from glmtune.webui import jobs, labels, progress, schema
 
 # Train-tab options shown up front; every other TrainConfig field is under
 # "More options". Model and data have their own inputs (upload, preview);
@@ -245,9 +242,8 @@ def build(registry: jobs.JobRegistry | None = None, cache: PredictorCache | None
                                        elem_id="data-preview", interactive=False, wrap=True)
                 with gr.Row(equal_height=True):
                     main_inputs = [schema.component(o) for o in main]
-                with gr.Accordion(i18n("more_options"), open=False):
-                    with gr.Row():
-                        more_inputs = [schema.component(o) for o in more]
+                with gr.Accordion(i18n("more_options"), open=False), gr.Row():
+                    more_inputs = [schema.component(o) for o in more]
                 option_inputs = main_inputs + more_inputs
                 names = [o.name for o in main + more]
                 output_dir = option_inputs[names.index("output_dir")]
@@ -322,11 +318,10 @@ def build(registry: jobs.JobRegistry | None = None, cache: PredictorCache | None
 
             # ------------------------------------------------------------ chat
             with gr.Tab(i18n("tab_chat"), id="chat", elem_id="tab-chat"):
-                with gr.Accordion(i18n("chat_settings"), open=True):
-                    with gr.Row():
-                        chat_inputs = [schema.component(o, "chat")
-                                   for o in schema.options(cfg.ChatConfig)]
-                chat_names = [f.name for f in cfg.dataclasses.fields(cfg.ChatConfig)]
+                chat_options = schema.options(cfg.ChatConfig)
+                with gr.Accordion(i18n("chat_settings"), open=True), gr.Row():
+                    chat_inputs = [schema.component(o, "chat") for o in chat_options]
+                chat_names = [o.name for o in chat_options]
                 compare = gr.Checkbox(False, label=i18n("compare_base"), elem_id="chat-compare")
                 with gr.Row():
                     chatbot = gr.Chatbot(label=i18n("chat_adapter"), elem_id="chatbot", height=320)
@@ -357,9 +352,9 @@ def build(registry: jobs.JobRegistry | None = None, cache: PredictorCache | None
                 except GlmtuneError as exc:
                     raise gr.Error(str(exc)) from exc
 
-            chat_event = dict(fn=on_send, inputs=[message, chatbot, chatbot_base, compare,
-                                                  *chat_inputs],
-                              outputs=[message, chatbot, chatbot_base])
+            chat_event = {"fn": on_send,
+                          "inputs": [message, chatbot, chatbot_base, compare, *chat_inputs],
+                          "outputs": [message, chatbot, chatbot_base]}
             send.click(**chat_event)
             message.submit(**chat_event)
             clear.click(lambda: ([], []), None, [chatbot, chatbot_base])
@@ -367,10 +362,10 @@ def build(registry: jobs.JobRegistry | None = None, cache: PredictorCache | None
 
             # -------------------------------------------------------- evaluate
             with gr.Tab(i18n("tab_eval"), id="eval", elem_id="tab-eval"):
+                eval_options = schema.options(cfg.EvalConfig)
                 with gr.Row():
-                    eval_inputs = [schema.component(o, "eval")
-                                   for o in schema.options(cfg.EvalConfig)]
-                eval_names = [f.name for f in cfg.dataclasses.fields(cfg.EvalConfig)]
+                    eval_inputs = [schema.component(o, "eval") for o in eval_options]
+                eval_names = [o.name for o in eval_options]
                 eval_button = gr.Button(i18n("eval_button"), variant="primary",
                                         elem_id="eval-run")
                 eval_status = gr.Markdown(elem_id="eval-status")
@@ -403,10 +398,10 @@ def build(registry: jobs.JobRegistry | None = None, cache: PredictorCache | None
 
             # ---------------------------------------------------------- export
             with gr.Tab(i18n("tab_export"), id="export", elem_id="tab-export"):
+                export_options = schema.options(cfg.ExportConfig)
                 with gr.Row():
-                    export_inputs = [schema.component(o, "export")
-                                     for o in schema.options(cfg.ExportConfig)]
-                export_names = [f.name for f in cfg.dataclasses.fields(cfg.ExportConfig)]
+                    export_inputs = [schema.component(o, "export") for o in export_options]
+                export_names = [o.name for o in export_options]
                 export_button = gr.Button(i18n("export_button"), variant="primary",
                                           elem_id="export-run")
                 export_result = gr.Markdown(label=i18n("export_result"), elem_id="export-result")

@@ -28,7 +28,7 @@ LOG_FILE = "train.log"
 class JobBusy(GlmtuneError):
     """A second Start while a job runs: one job per server."""
 
-    def __init__(self, job: "Job"):
+    def __init__(self, job: Job):
         self.job = job
         super().__init__(f"a job is already running (pid {job.pid}, {job.output_dir})")
 

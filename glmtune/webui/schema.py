@@ -15,7 +15,6 @@ from typing import Any
 from glmtune import config as cfg
 from glmtune.errors import ConfigError
 
-
 MIN_WIDTH = 220  # pixels: narrower inputs wrap to the next line
 
 
@@ -63,8 +62,8 @@ def component(option: Option, prefix: str = "opt"):
     its element id is ``prefix-name`` (one prefix per tab: ids are unique in a page)."""
     import gradio as gr
 
-    common = dict(label=option.name, info=option.help, elem_id=f"{prefix}-{option.name}",
-                  min_width=MIN_WIDTH)
+    common = {"label": option.name, "info": option.help,
+              "elem_id": f"{prefix}-{option.name}", "min_width": MIN_WIDTH}
     if option.kind == "checkbox":
         return gr.Checkbox(value=bool(option.default), **common)
     if option.kind == "dropdown":

@@ -67,9 +67,9 @@ def server(workspace, tmp_path):
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
            "GRADIO_ANALYTICS_ENABLED": "False"}
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "glmtune", "webui", "--port", str(port)],
-                            cwd=workspace, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with open(tmp_path / "server.log", "w") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "glmtune", "webui", "--port", str(port)],
+                                cwd=workspace, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -86,7 +86,6 @@ def server(workspace, tmp_path):
         proc.wait(60)
     except subprocess.TimeoutExpired:
         proc.kill()
-    log.close()
 
 
 @pytest.fixture
@@ -219,7 +218,7 @@ def test_whole_job_in_the_browser(server, browser, workspace, tmp_path):
     _wait_text(page, "#job-status", r"Finished", timeout=150)
     _wait_text(page, "#progress", rf"step {end} / {end}")
     log = _text(page, "#log")
-    assert f"resumed from" in log and "adapter saved to" in log
+    assert "resumed from" in log and "adapter saved to" in log
     metrics = read_jsonl(workspace / "models/chatglm-lora/metrics.jsonl")
     assert _points(page) == len(metrics)
     page.wait_for_timeout(500)  # the plot redraws after the last refresh

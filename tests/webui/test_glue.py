@@ -176,7 +176,7 @@ def test_the_page_view_of_a_finished_cli_run(tmp_path):
 
     out = _run_dir(tmp_path)
     (out / "adapter_config.json").write_text("{}")
-    status, line, frame, log_text = job_view(jobs.JobRegistry(), str(out), "en")
+    status, line, frame, _ = job_view(jobs.JobRegistry(), str(out), "en")
     assert status == f"Finished: adapter in {out}"
     assert "step 10 / 20" in line and "4 points plotted" in line and len(frame.dropna()) == 4
     status_zh, line_zh, _, _ = job_view(jobs.JobRegistry(), str(out), "zh")
@@ -187,7 +187,7 @@ def test_the_page_view_of_a_finished_cli_run(tmp_path):
 def test_both_label_sets_are_complete_and_take_the_same_values():
     en, zh = labels.LABELS["en"], labels.LABELS["zh"]
     assert set(en) == set(zh)
-    fields_of = lambda text: {f[1] for f in string.Formatter().parse(text) if f[1]}  # noqa: E731
+    fields_of = lambda text: {f[1] for f in string.Formatter().parse(text) if f[1]}
     for key in en:
         assert en[key].strip() and zh[key].strip(), key
         assert fields_of(en[key]) == fields_of(zh[key]), key
@@ -261,3 +261,28 @@ def _wait_for(condition, timeout: float = 30) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition never became true"
         time.sleep(0.05)
+
+
+# -------------------------------------------------------------------- chat
+def test_chat_streams_the_answer_predictor_gives_and_keeps_history(adapter):
+    """Real tiny-glm + adapter: the page's last chat state is exactly ``generate``'s answer,
+    earlier turns are passed back as history, and the base model answers beside it."""
+    from glmtune.infer.predict import Predictor
+    from glmtune.webui.app import PredictorCache, history_pairs, stream_reply
+
+    config = cfg.ChatConfig(adapter=str(adapter), max_new_tokens=12, threads=1).predict_config()
+    with PredictorCache().use(config) as predictor:
+        states = list(stream_reply(predictor, "你好", []))
+        first = states[-1]
+        assert first[-2] == {"role": "user", "content": "你好"}
+        assert first[-1]["content"] == predictor.generate("你好")
+        # the way Gradio hands the chat back: content as a list of parts
+        returned = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]}
+                    for m in first]
+        assert history_pairs(returned) == [("你好", first[-1]["content"])]
+        second = list(stream_reply(predictor, "再见", returned))[-1]
+        assert second[-1]["content"] == predictor.generate("再见", [("你好", first[-1]["content"])])
+        with predictor.base_model():
+            base = list(stream_reply(predictor, "你好", []))[-1]
+            assert base[-1]["content"] == predictor.generate("你好")
+        assert isinstance(predictor, Predictor)
