@@ -215,6 +215,14 @@ def eval_tables(result) -> tuple[list[list], list[str], list[list], list[str]]:
 
 
 # ------------------------------------------------------------------- page
+def config_inputs(cls: type, prefix: str) -> tuple[list, list[str]]:
+    """A row with one input per field of ``cls``; (inputs, field names) in the same order."""
+    options = schema.options(cls)
+    with gr.Row():
+        inputs = [schema.component(o, prefix) for o in options]
+    return inputs, [o.name for o in options]
+
+
 def build(registry: jobs.JobRegistry | None = None, cache: PredictorCache | None = None):
     registry = registry or jobs.JobRegistry()
     cache = cache or PredictorCache()
@@ -318,10 +326,8 @@ def build(registry: jobs.JobRegistry | None = None, cache: PredictorCache | None
 
             # ------------------------------------------------------------ chat
             with gr.Tab(i18n("tab_chat"), id="chat", elem_id="tab-chat"):
-                chat_options = schema.options(cfg.ChatConfig)
-                with gr.Accordion(i18n("chat_settings"), open=True), gr.Row():
-                    chat_inputs = [schema.component(o, "chat") for o in chat_options]
-                chat_names = [o.name for o in chat_options]
+                with gr.Accordion(i18n("chat_settings"), open=True):
+                    chat_inputs, chat_names = config_inputs(cfg.ChatConfig, "chat")
                 compare = gr.Checkbox(False, label=i18n("compare_base"), elem_id="chat-compare")
                 with gr.Row():
                     chatbot = gr.Chatbot(label=i18n("chat_adapter"), elem_id="chatbot", height=320)
@@ -362,10 +368,7 @@ def build(registry: jobs.JobRegistry | None = None, cache: PredictorCache | None
 
             # -------------------------------------------------------- evaluate
             with gr.Tab(i18n("tab_eval"), id="eval", elem_id="tab-eval"):
-                eval_options = schema.options(cfg.EvalConfig)
-                with gr.Row():
-                    eval_inputs = [schema.component(o, "eval") for o in eval_options]
-                eval_names = [o.name for o in eval_options]
+                eval_inputs, eval_names = config_inputs(cfg.EvalConfig, "eval")
                 eval_button = gr.Button(i18n("eval_button"), variant="primary",
                                         elem_id="eval-run")
                 eval_status = gr.Markdown(elem_id="eval-status")
@@ -398,10 +401,7 @@ def build(registry: jobs.JobRegistry | None = None, cache: PredictorCache | None
 
             # ---------------------------------------------------------- export
             with gr.Tab(i18n("tab_export"), id="export", elem_id="tab-export"):
-                export_options = schema.options(cfg.ExportConfig)
-                with gr.Row():
-                    export_inputs = [schema.component(o, "export") for o in export_options]
-                export_names = [o.name for o in export_options]
+                export_inputs, export_names = config_inputs(cfg.ExportConfig, "export")
                 export_button = gr.Button(i18n("export_button"), variant="primary",
                                           elem_id="export-run")
                 export_result = gr.Markdown(label=i18n("export_result"), elem_id="export-result")

@@ -221,6 +221,8 @@ def test_whole_job_in_the_browser(server, browser, workspace, tmp_path):
     assert "resumed from" in log and "adapter saved to" in log
     metrics = read_jsonl(workspace / "models/chatglm-lora/metrics.jsonl")
     assert _points(page) == len(metrics)
+    page.locator("#plan-button").click()  # the plan, as a user checks it before a next run
+    _wait_text(page, "#plan", r"predicted peak memory: [\d.]+ GB")
     page.wait_for_timeout(500)  # the plot redraws after the last refresh
     _screenshot(page, tmp_path, "train")
 
@@ -238,7 +240,22 @@ def test_whole_job_in_the_browser(server, browser, workspace, tmp_path):
         assert time.monotonic() < deadline, (
             f"chat answer {bot.inner_text() if bot.count() else None!r} != {expected!r}")
         page.wait_for_timeout(300)
+    # a second turn, the base model answering beside the adapter
+    page.locator("#chat-compare input").check()
+    page.locator("#chat-message textarea").fill(PROMPT)
+    page.locator("#chat-send").click()
+    base = page.locator("#chatbot-base [data-testid=bot]")
+    deadline = time.monotonic() + 90
+    while base.count() == 0 or not base.last.inner_text().strip():
+        assert time.monotonic() < deadline, "the base model never answered"
+        page.wait_for_timeout(300)
+    assert page.locator("#chatbot [data-testid=bot]").count() == 2
     _screenshot(page, tmp_path, "chat")
+    page.locator("#chat-clear").click()
+    deadline = time.monotonic() + 30
+    while page.locator("#chatbot [data-testid=bot]").count():
+        assert time.monotonic() < deadline, "the history was not cleared"
+        page.wait_for_timeout(200)
 
     # evaluate: F1 on the page is the one in metrics.json
     page.get_by_role("tab", name="Evaluate").click()
