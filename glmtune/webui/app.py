@@ -73,7 +73,7 @@ def check_data(path: str, lang: str = "en"):
     try:
         samples, fmt = read_samples(path)
     except GlmtuneError as exc:
-        return f"❌ {exc}", []
+        return f"error: {exc}", []
     rows = []
     for i, sample in enumerate(samples[:PREVIEW_ROWS], 1):
         if sample.is_plain:
@@ -81,7 +81,7 @@ def check_data(path: str, lang: str = "en"):
         else:
             prompt = "\n".join(f"{m.role}: {m.content}" for m in sample.messages[:-1])
             rows.append([i, prompt, sample.messages[-1].content])
-    return "✅ " + labels.text(lang, "msg_data_ok", path=path, rows=len(samples), format=fmt), rows
+    return labels.text(lang, "msg_data_ok", path=path, rows=len(samples), format=fmt), rows
 
 
 def train_values(names: list[str], model: str, data: str, values) -> dict:
@@ -155,7 +155,7 @@ def start_job(registry: jobs.JobRegistry, form: dict, lang: str, resume: bool = 
     except jobs.JobBusy as exc:
         return labels.text(lang, "msg_busy", pid=exc.job.pid, out=exc.job.output_dir)
     except GlmtuneError as exc:
-        return f"❌ {exc}"
+        return f"error: {exc}"
     return labels.text(lang, "msg_started", command=jobs.shown(job.command))
 
 
@@ -389,7 +389,7 @@ def build(registry: jobs.JobRegistry | None = None, cache: PredictorCache | None
                     with cache.use(config.predict_config()) as predictor:
                         result = evaluate(config, predictor=predictor)
                 except GlmtuneError as exc:
-                    return f"❌ {exc}", None, None, ""
+                    return f"error: {exc}", None, None, ""
                 summary, summary_cols, relations, relation_cols = eval_tables(result)
                 done = labels.text(_lang(request), "msg_eval_done", n=result.n,
                                    out=result.output_dir)
@@ -413,9 +413,9 @@ def build(registry: jobs.JobRegistry | None = None, cache: PredictorCache | None
                     result = export(schema.build(cfg.ExportConfig,
                                                  dict(zip(export_names, values))))
                 except GlmtuneError as exc:
-                    return f"❌ {exc}"
-                return "✅ " + labels.text(_lang(request), "msg_exported", out=result.out,
-                                          diff=result.max_abs_diff)
+                    return f"error: {exc}"
+                return labels.text(_lang(request), "msg_exported", out=result.out,
+                                   diff=result.max_abs_diff)
 
             export_button.click(on_export, export_inputs, export_result)
     page.i18n_labels = i18n
