@@ -117,8 +117,10 @@ def job_view(registry: jobs.JobRegistry, out_text: str, lang: str):
         status = labels.text(lang, "msg_running", pid=job.pid, out=out)
     elif job.returncode == 0:
         status = labels.text(lang, "msg_finished", out=out)
-    elif job.returncode in (130, 143) and state.stopped_at is not None:
-        status = labels.text(lang, "msg_stopped", step=state.stopped_at, out=out)
+    elif job.returncode in (130, 143):  # SIGINT / SIGTERM: Stop, or the server shutting down
+        status = (labels.text(lang, "msg_stopped", step=state.stopped_at, out=out)
+                  if state.stopped_at is not None
+                  else labels.text(lang, "msg_stopped_early", code=job.returncode))
     else:
         status = labels.text(lang, "msg_failed", code=job.returncode,
                              error=progress.last_error(log_text))

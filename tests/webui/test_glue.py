@@ -234,6 +234,10 @@ def test_one_job_at_a_time_and_stop_is_sigint(tmp_path):
     assert job.proc.wait(30) == 130 and not job.running
     assert "stopped early at step 3" in job.log_path.read_text()
     assert not registry.stop()
+    from glmtune.webui.app import job_view
+
+    status = job_view(registry, "ignored: the job's directory is shown", "en")[0]
+    assert status == f"Stopped at step 3; a checkpoint is saved in {tmp_path / 'out'}. Resume continues."
     # the next job may start now; a resumed one appends to the same log
     again = registry.start([sys.executable, "-c", "print('again')"], tmp_path / "out",
                            append_log=True)
@@ -286,3 +290,10 @@ def test_chat_streams_the_answer_predictor_gives_and_keeps_history(adapter):
             base = list(stream_reply(predictor, "你好", []))[-1]
             assert base[-1]["content"] == predictor.generate("你好")
         assert isinstance(predictor, Predictor)
+
+
+def test_the_command_binds_localhost_and_never_shares_by_default():
+    from glmtune.cli import build_parser
+
+    args = build_parser().parse_args(["webui"])
+    assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)
