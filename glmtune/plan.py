@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from glmtune import estimate as est
 from glmtune.config import TrainConfig
 from glmtune.errors import GlmtuneError
-from glmtune.hardware import GB, Hardware
+from glmtune.hardware import GB, Hardware, describe
 
 MIN_SEQ_LEN = 128
 
@@ -56,9 +56,7 @@ class Plan:
 
 def report(hw: Hardware, plan: Plan, final: TrainConfig, preset_note: str | None = None) -> str:
     """What `glmtune plan` prints: hardware, preset, plan, predicted peak memory, settings."""
-    from glmtune import hardware
-
-    lines = [hardware.describe(hw)]
+    lines = [describe(hw)]
     if preset_note:
         lines.append(f"preset: {preset_note}")
     lines.append(f"plan: {plan.describe()}")
