@@ -22,6 +22,7 @@ help:
 	@echo "make batch-predict FILE=prompts.txt   answer a .txt/.jsonl of prompts (resumable)"
 	@echo "make chat             talk to the trained adapter (/clear, /exit)"
 	@echo "make export           merge the adapter into its base and save a standalone model"
+	@echo "make serve            OpenAI-compatible API on 127.0.0.1:8000 (ADAPTER=a,b PORT= GLMTUNE_API_KEY=)"
 	@echo "make train-ddp NPROC=2   the same training, data-parallel over NPROC processes (torchrun)"
 	@echo "make plan             show hardware, chosen settings and predicted peak memory"
 	@echo "make monitor          follow a running job's loss and memory (OUTPUT_DIR=...)"
@@ -84,6 +85,12 @@ chat: setup
 
 export: setup
 	$(GLMTUNE) export --from-make
+
+# An OpenAI-compatible API over the adapter (ADAPTER=, comma-separated for several)
+# and its bare base, on 127.0.0.1 unless SERVE_HOST= says otherwise.
+.PHONY: serve
+serve: setup
+	$(GLMTUNE) serve --from-make
 
 .PHONY: plan monitor bench-memory bench
 

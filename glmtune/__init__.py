@@ -26,6 +26,8 @@ _EXPORTS = {
     "EvalConfig": "glmtune.config",
     "ChatConfig": "glmtune.config",
     "ExportConfig": "glmtune.config",
+    "ServeConfig": "glmtune.config",
+    "Sampling": "glmtune.infer.predict",
     "GlmtuneError": "glmtune.errors",
 }
 

@@ -130,6 +130,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from glmtune.serve import serve
+
+    serve(config_from_args(args, cfg.ServeConfig))
+    return 0
+
+
 def cmd_plan(args) -> int:
     """What `glmtune train` would do here, without loading the model."""
     import json
@@ -216,7 +223,7 @@ def cmd_make_vars(args) -> int:
     """The Makefile variables, derived from the schema (used by `make help`)."""
     seen = {}
     for cls in (cfg.TrainConfig, cfg.PredictConfig, cfg.EvalConfig, cfg.ChatConfig,
-                cfg.ExportConfig):
+                cfg.ExportConfig, cfg.ServeConfig):
         for var, name in cfg.make_variables(cls).items():
             seen.setdefault(var, (name, _field(cls, name).metadata["help"]))
     for var, (name, help_text) in seen.items():
@@ -267,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="merge an adapter into its base model and save it")
     with_config(p, cfg.ExportConfig)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible API over the base model and its "
+                                     "adapters")
+    with_config(p, cfg.ServeConfig)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("monitor", help="follow a running job's loss and memory")
     p.add_argument("--output-dir", default=cfg.DEFAULT_OUTPUT_DIR,

@@ -285,7 +285,7 @@ def _inference_problems(config) -> list[str]:
     found = []
     for name in ("max_new_tokens", "batch_size"):
         value = getattr(config, name, 1)
-        if value < 1:
+        if value is not None and value < 1:  # None: the command picks (serve's batch_size)
             found.append(f"{name}: must be a positive integer, got {value}")
     for name in ("threads", "max_samples"):
         value = getattr(config, name, None)
@@ -405,6 +405,63 @@ class ExportConfig:
     @property
     def resolved_out(self) -> str:
         return self.out or str(self.adapter).rstrip("/\\") + "-merged"
+
+
+@dataclass
+class ServeConfig(_LoadedModel):
+    """An OpenAI-compatible HTTP API over a base model and its adapters."""
+
+    adapter: str = _same(PredictConfig, "adapter", help=(
+        "adapter directories to serve, comma-separated; each is a model named after its "
+        "directory (NAME=DIR names it); the bare base is served too ('' serves only the base)"))
+    host: str = _opt("address to listen on (127.0.0.1: this machine only; 0.0.0.0: every "
+                     "network the machine is on)", make="SERVE_HOST", default="127.0.0.1")
+    port: int = _opt("TCP port", make="PORT", default=8000)
+    api_key: str | None = _opt("require `Authorization: Bearer KEY` on every endpoint but "
+                               "/health (default: the GLMTUNE_API_KEY environment variable; "
+                               "neither: no key needed; the variable keeps the key out of "
+                               "the process list)", make="GLMTUNE_API_KEY")
+    queue_size: int = _opt("requests that may wait for the model; more are answered 429 with "
+                           "Retry-After", make="QUEUE_SIZE", default=32)
+    batch_size: int | None = _opt("greedy requests for the same model generated together "
+                                  "(default: 8 in float32, 1 under bf16, where a batched "
+                                  "answer can differ from the same request alone at a "
+                                  "near-tie; 1: one at a time)", make="SERVE_BATCH_SIZE")
+    max_new_tokens: int = _same(PredictConfig, "max_new_tokens", help=(
+        "longest answer in tokens when a request gives no max_tokens"), default=256)
+    log_prompts: bool = _opt("log each request's messages and answer (off: only sizes and "
+                             "timings are logged)", make="LOG_PROMPTS", default=False)
+    quant: str = _same(PredictConfig, "quant")
+    bf16: str = _same(PredictConfig, "bf16")
+    threads: int | None = _same(PredictConfig, "threads")
+
+    def problems(self) -> list[str]:
+        found = _inference_problems(self)
+        if self.queue_size < 1:
+            found.append(f"queue_size: must be a positive integer, got {self.queue_size}")
+        if not 1 <= self.port <= 65535:
+            found.append(f"port: must be in 1..65535, got {self.port}")
+        if not self.host.strip():
+            found.append("host: must not be empty")
+        names = [name for name, _ in self.adapters]
+        for name in sorted({n for n in names if names.count(n) > 1}):
+            found.append(f"adapter: two adapters are served as {name!r}; name them: NAME=DIR")
+        if not self.adapters and not self.model:
+            found.append("adapter / model: give adapter directories, or a --model to serve bare")
+        return found
+
+    validate = TrainConfig.validate
+
+    @property
+    def adapters(self) -> list[tuple[str, str]]:
+        """(served model name, directory) of each adapter, in the order given."""
+        found = []
+        for item in (part.strip() for part in self.adapter.split(",")):
+            if item:
+                name, sep, path = item.partition("=")
+                name, path = (name, path.strip()) if sep else ("", item)
+                found.append((name.strip() or Path(path.rstrip("/\\")).name, path))
+        return found
 
 
 # --------------------------------------------------------------------------

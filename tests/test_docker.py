@@ -37,7 +37,8 @@ STAMP = ".venv/.installed-stamp"
 # What a user has to add for a service to mean anything (its usage line says so).
 USER_INPUT = {"batch-predict": {"FILE": "data/prompts.txt"}}
 CONFIG_OF = {"train": cfg.TrainConfig, "plan": cfg.TrainConfig, "predict": cfg.PredictConfig,
-             "eval": cfg.EvalConfig, "chat": cfg.ChatConfig, "export": cfg.ExportConfig}
+             "eval": cfg.EvalConfig, "chat": cfg.ChatConfig, "export": cfg.ExportConfig,
+             "serve": cfg.ServeConfig}
 
 
 def make_variables() -> set[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -49,9 +50,8 @@ class Predictor:
 
         source = self.source = load.resolve(model_name)
         self.tokenizer = load.load_tokenizer(source, trust)
-        family = detect_family(source.config, self.tokenizer, source.path)
-        template = config.template if config.template != "auto" else trained.get("template", "auto")
-        self.family = family if template == "auto" else template_override(family, template)
+        self.base_family = detect_family(source.config, self.tokenizer, source.path)
+        self.family = self.family_for(trained)
         quantized = config.quant != "none"  # bitsandbytes places a quantized model itself
         model = load.load_model(
             source, trust_remote_code=trust,
@@ -62,6 +62,21 @@ class Predictor:
         self.model = (model if quantized else model.to(self.device)).eval()
         self.stop_ids = stop_token_ids(self.family.template, self.tokenizer)
 
+    def family_for(self, trained: dict):
+        """The family (prompt format) for an adapter trained with settings ``trained``:
+        --template, else the one it was trained with, else the base model's own."""
+        template = (self.config.template if self.config.template != "auto"
+                    else trained.get("template", "auto"))
+        return self.base_family if template == "auto" else template_override(self.base_family,
+                                                                              template)
+
+    def add_adapter(self, adapter: str, name: str):
+        """Load one more adapter onto the same base (serve); returns its family. It becomes
+        active with ``self.model.set_adapter(name)``."""
+        trained = adapter_training_config(adapter)
+        self.model = _attach_adapter(self.model, adapter, name).eval()
+        return self.family_for(trained)
+
     def prompt_ids(self, prompt: str, history: Sequence[tuple[str, str]] = ()) -> list[int]:
         messages = []
         for question, answer in history:
@@ -70,17 +85,9 @@ class Predictor:
         return encode_prompt(self.family.template, messages, self.tokenizer)
 
     def generate(self, prompt: str, history: Sequence[tuple[str, str]] = (),
-                 max_new_tokens: int | None = None) -> str:
-        import torch
-
-        ids = torch.tensor([self.prompt_ids(prompt, history)], device=self.device)
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                             enabled=self.bf16):
-            out = self.model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens or self.config.max_new_tokens, do_sample=False,
-                eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id)
-        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+                 max_new_tokens: int | None = None, sampling: Sampling | None = None) -> str:
+        sampling = _with_limit(sampling, max_new_tokens)
+        return self.run([self.prompt_ids(prompt, history)], [sampling])[0].text
 
     def conversation_ids(self, messages: Sequence[Message]) -> list[int]:
         """Prompt ids of any conversation ending with a user turn (system messages allowed)."""
@@ -102,87 +109,105 @@ class Predictor:
         """Greedy answers to already-encoded prompts, left-padded into batches.
 
         ``on_batch(done, total)`` is called after each batch, for progress reports.
-
-        In float32 each answer equals what ``generate`` gives for that prompt alone: the
-        padding is masked and positions count from each prompt's first real token. Under
-        bf16 autocast a padded batch rounds differently, so a near-tie can go the other way.
+        See ``run`` for when batched answers equal one-at-a-time answers.
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         # Similar lengths together waste less compute on padding; answers go back in order.
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         answers: list[str] = [""] * len(prompts)
+        sampling = Sampling(max_new_tokens=max_new_tokens)
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            for i, answer in zip(chunk, self._generate_padded([prompts[i] for i in chunk],
-                                                             max_new_tokens)):
-                answers[i] = answer
+            done = self.run([prompts[i] for i in chunk], [sampling] * len(chunk))
+            for i, answer in zip(chunk, done):
+                answers[i] = answer.text
             if on_batch is not None:
                 on_batch(start + len(chunk), len(prompts))
         return answers
 
-    def _generate_padded(self, prompts: Sequence[Sequence[int]],
-                         max_new_tokens: int | None) -> list[str]:
-        import torch
+    def run(self, prompts: Sequence[Sequence[int]], samplings: Sequence[Sampling],
+            on_text: Callable[[int, str], None] | None = None,
+            cancelled: Callable[[int], bool] | None = None,
+            stop_ids: Sequence[int] | None = None) -> list[Answer]:
+        """Answers to encoded prompts generated together, left-padded: the one generation loop
+        behind predict, batch predict, eval, chat and serve.
 
+        Each row has its own ``Sampling`` (token limit, stop strings); rows that sample
+        (temperature > 0) must share one Sampling. ``on_text(row, piece)`` receives each
+        row's answer in pieces as it is produced: the pieces joined are the row's answer.
+        ``cancelled(row)`` true ends that row at the next token (its client left).
+        ``stop_ids`` replaces the family's stop tokens (serve: another adapter's template).
+
+        In float32 each greedy answer equals what the prompt alone gives: the padding is
+        masked and positions count from each prompt's first real token. Under bf16 autocast
+        a padded batch rounds differently, so a near-tie can go the other way.
+        """
+        import torch
+        from transformers import StoppingCriteriaList
+
+        if len(samplings) != len(prompts) or not prompts:
+            raise ValueError(f"{len(samplings)} samplings for {len(prompts)} prompts")
+        first = samplings[0]
+        if not first.greedy and any(s != first for s in samplings):
+            raise ValueError("rows that sample must share one Sampling")
+        stop_ids = list(stop_ids if stop_ids is not None else self.stop_ids)
+        limits = [s.max_new_tokens or self.config.max_new_tokens for s in samplings]
+        rows = _Rows(self.tokenizer, stop_ids, limits, [s.stop for s in samplings],
+                     on_text, cancelled)
         width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts],
                            device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts],
                             device=self.device)
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                             enabled=self.bf16):
-            out = self.model.generate(
-                input_ids=ids, attention_mask=mask,
-                max_new_tokens=max_new_tokens or self.config.max_new_tokens, do_sample=False,
-                eos_token_id=self.stop_ids, pad_token_id=pad)
-        return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip()
-                for row in out]
+        options = {"do_sample": False}
+        if not first.greedy:
+            options = {"do_sample": True, "temperature": first.temperature, "top_p": first.top_p}
+        with _seeded(first.seed), torch.no_grad(), torch.autocast(
+                self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            self.model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max(limits),
+                eos_token_id=stop_ids, pad_token_id=pad,
+                stopping_criteria=StoppingCriteriaList([rows]), **options)
+        return [rows.finish(row, len(p)) for row, p in enumerate(prompts)]
 
     def stream(self, prompt: str, history: Sequence[tuple[str, str]] = (),
-               max_new_tokens: int | None = None) -> Iterator[str]:
-        """``generate``'s answer in pieces as they are produced (for chat).
+               max_new_tokens: int | None = None, sampling: Sampling | None = None,
+               ids: Sequence[int] | None = None) -> Iterator[str]:
+        """``generate``'s answer in pieces as they are produced (chat, web UI).
 
-        The pieces joined and stripped equal ``generate(prompt, history)``: generation is the
-        same call, run in a thread that feeds a streamer.
+        The pieces joined equal ``generate(prompt, history)``: generation is the same
+        ``run``, in a thread that hands its pieces over. ``ids`` (from ``conversation_ids``)
+        replaces prompt and history. Closing the iterator early stops the generation.
         """
+        import queue
         import threading
 
-        import torch
-        from transformers import TextIteratorStreamer
+        sampling = _with_limit(sampling, max_new_tokens)
+        ids = list(ids) if ids is not None else self.prompt_ids(prompt, history)
+        pieces: queue.Queue = queue.Queue()
+        stop = threading.Event()
+        end = object()
 
-        ids = torch.tensor([self.prompt_ids(prompt, history)], device=self.device)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True,
-                                        skip_special_tokens=True)
-        failure: list[BaseException] = []
-
-        def run() -> None:
+        def work() -> None:
             try:
-                with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                                     enabled=self.bf16):
-                    self.model.generate(
-                        input_ids=ids, attention_mask=torch.ones_like(ids),
-                        max_new_tokens=max_new_tokens or self.config.max_new_tokens,
-                        do_sample=False, eos_token_id=self.stop_ids,
-                        pad_token_id=self.tokenizer.pad_token_id, streamer=streamer)
+                self.run([ids], [sampling], on_text=lambda _, piece: pieces.put(piece),
+                         cancelled=lambda _: stop.is_set())
             except BaseException as exc:  # re-raised in the caller's thread below
-                failure.append(exc)
-                streamer.end()  # otherwise the consumer waits forever for the end marker
+                pieces.put(exc)
+            pieces.put(end)
 
-        thread = threading.Thread(target=run, name="glmtune-generate", daemon=True)
+        thread = threading.Thread(target=work, name="glmtune-generate", daemon=True)
         thread.start()
-        started = False
-        for piece in streamer:
-            if not started:
-                # generate() strips the answer; a stream must not start with what it drops
-                piece = piece.lstrip()
-                started = bool(piece)
-            if piece:
+        try:
+            while (piece := pieces.get()) is not end:
+                if isinstance(piece, BaseException):
+                    raise piece
                 yield piece
-        thread.join()
-        if failure:
-            raise failure[0]
+        finally:
+            stop.set()
+            thread.join()
 
     @contextmanager
     def base_model(self):
@@ -190,6 +215,115 @@ class Predictor:
         disable = getattr(self.model, "disable_adapter", None)
         with disable() if callable(disable) else nullcontext():
             yield self
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one answer is produced; temperature 0 (the default) is greedy decoding."""
+
+    max_new_tokens: int | None = None  # None: the config's max_new_tokens
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None  # sampling with a seed gives the same answer every time
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (stop token or string), "length" (token limit), "cancelled"
+
+
+def _with_limit(sampling: Sampling | None, max_new_tokens: int | None) -> Sampling:
+    sampling = sampling or Sampling()
+    return replace(sampling, max_new_tokens=max_new_tokens or sampling.max_new_tokens)
+
+
+@contextmanager
+def _seeded(seed: int | None):
+    if seed is not None:
+        import torch
+
+        torch.manual_seed(seed)
+    yield
+
+
+class _Rows:
+    """Follows each row of a batched ``generate``: its tokens, its text so far, why it ended.
+
+    It is a stopping criterion (called after every step with all tokens so far), so it can
+    end one row (stop string, its own token limit, its client gone) while the others go on.
+    Text is decoded from all of a row's tokens each time, never token by token: a character
+    split over several byte-level tokens only shows once complete (held back while the
+    decoded text ends in U+FFFD), and the pieces joined equal the whole answer decoded.
+    """
+
+    def __init__(self, tokenizer, stop_ids, limits, stops, on_text, cancelled):
+        self.tokenizer, self.stop_ids, self.limits = tokenizer, set(stop_ids), limits
+        self.stops = [tuple(s for s in row if s) for row in stops]
+        self.on_text, self.cancelled = on_text, cancelled
+        self.tokens: list[list[int]] = [[] for _ in limits]
+        self.generated = [0] * len(limits)
+        self.sent = [""] * len(limits)
+        self.reason: list[str | None] = [None] * len(limits)
+        self.closed = [False] * len(limits)
+        self.final = [""] * len(limits)
+        # Decoding every step costs time; only done when someone reads pieces or stops.
+        self.follow = on_text is not None or any(self.stops)
+
+    def __call__(self, input_ids, scores=None, **kwargs):
+        import torch
+
+        for row, token in enumerate(input_ids[:, -1].tolist()):
+            if self.reason[row] is None:
+                self._step(row, token)
+        return torch.tensor([r is not None for r in self.reason], device=input_ids.device)
+
+    def _step(self, row: int, token: int) -> None:
+        self.generated[row] += 1
+        if token in self.stop_ids:
+            self.reason[row] = "stop"
+        else:
+            self.tokens[row].append(token)
+            if self.cancelled is not None and self.cancelled(row):
+                self.reason[row] = "cancelled"
+            elif self.generated[row] >= self.limits[row]:
+                self.reason[row] = "length"
+        if self.follow:
+            self._text(row)
+
+    def _text(self, row: int) -> str:
+        text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True).lstrip()
+        cuts = [i for i in (text.find(s) for s in self.stops[row]) if i >= 0]
+        if cuts:
+            text, self.reason[row] = text[:min(cuts)], "stop"
+        if self.reason[row] is not None:
+            text = self.final[row] = text.rstrip()
+        else:  # hold back what may still change: whitespace, a partial character or stop
+            text = text.rstrip().rstrip("\ufffd")
+            held = max((n for s in self.stops[row] for n in range(1, len(s))
+                        if text.endswith(s[:n])), default=0)
+            text = text[:len(text) - held]
+        sent = self.sent[row]
+        if (self.on_text is not None and not self.closed[row] and len(text) > len(sent)
+                and text.startswith(sent)):
+            self.on_text(row, text[len(sent):])
+            self.sent[row] = text
+        self.closed[row] = self.reason[row] is not None
+        return text
+
+    def finish(self, row: int, prompt_tokens: int) -> Answer:
+        if self.reason[row] is None:  # generate stopped at the longest row's limit
+            self.reason[row] = "length"
+        if not self.closed[row]:
+            self._text(row)
+        return Answer(self.final[row], prompt_tokens, self.generated[row], self.reason[row])
 
 
 def _adapter_base(adapter: str) -> str:
@@ -202,11 +336,15 @@ def _adapter_base(adapter: str) -> str:
                            "pass --model") from exc
 
 
-def _attach_adapter(model, adapter: str):
+def _attach_adapter(model, adapter: str, name: str = "default"):
+    """``model`` with the adapter in ``adapter`` added under ``name`` (a PeftModel)."""
     from peft import PeftModel
 
     try:
-        return PeftModel.from_pretrained(model, adapter)
+        if isinstance(model, PeftModel):
+            model.load_adapter(adapter, adapter_name=name)
+            return model
+        return PeftModel.from_pretrained(model, adapter, adapter_name=name)
     except RuntimeError as exc:
         if "size mismatch" in str(exc):
             raise GlmtuneError(f"{adapter}: this adapter was trained for a different base model "
