@@ -281,6 +281,12 @@ def test_whole_job_in_the_browser(server, browser, workspace, tmp_path):
     zh = _offline_page(browser, server, "zh-CN", blocked)
     zh.get_by_role("tab", name="训练").wait_for()
     _wait_text(zh, "#job-status", r"已完成")
+    # and the English page switches to Chinese in Gradio's own Settings panel
+    page.locator("button.settings").click()
+    page.get_by_label("Language").first.click()
+    page.locator("[role=option]", has_text="简体中文").first.click()
+    page.keyboard.press("Escape")
+    page.get_by_role("tab", name="训练").wait_for()
     assert blocked == [], f"the page tried to reach the internet: {blocked}"
 
 
