@@ -26,6 +26,7 @@ help:
 	@echo "make train-ddp NPROC=2   the same training, data-parallel over NPROC processes (torchrun)"
 	@echo "make plan             show hardware, chosen settings and predicted peak memory"
 	@echo "make monitor          follow a running job's loss and memory (OUTPUT_DIR=...)"
+	@echo "make webui            the web page: train, chat, evaluate, export (http://127.0.0.1:7860)"
 	@echo "make bench-memory     measured peak memory vs prediction, 6B-shaped model (slow)"
 	@echo "make bench            training tokens/s: glmtune vs HF Trainer fp32/bf16, GLM-241M (BENCH_STEPS=3 shortens)"
 	@echo "make env              write .env for docker compose from this machine's plan (FORCE=1 replaces)"
@@ -98,6 +99,13 @@ plan: setup
 
 monitor: setup
 	$(GLMTUNE) monitor $(if $(OUTPUT_DIR),--output-dir "$(OUTPUT_DIR)")
+
+# The web UI on this machine only; WEBUI_HOST=0.0.0.0 opens it to the network.
+.PHONY: webui
+WEBUI_HOST ?= 127.0.0.1
+WEBUI_PORT ?= 7860
+webui: setup data
+	$(GLMTUNE) webui --host $(WEBUI_HOST) --port $(WEBUI_PORT)
 
 # Builds a 12 GB random ChatGLM3-6B-shaped checkpoint once (bench/cache/) and
 # needs about 14 GB of free memory; BENCH_STEPS sets the steps per run.

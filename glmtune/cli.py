@@ -152,7 +152,7 @@ def cmd_plan(args) -> int:
 
     from glmtune import hardware, presets
     from glmtune.model import load
-    from glmtune.plan import plan_for_model
+    from glmtune.plan import plan_for_model, report
 
     if args.list_presets:
         print(presets.table())
@@ -173,18 +173,7 @@ def cmd_plan(args) -> int:
                           "plan": plan.to_dict(), "config": final.to_dict()}, indent=2,
                          ensure_ascii=False))
         return 0
-    print(hardware.describe(hw))
-    if preset_note:
-        print(f"preset: {preset_note}")
-    print(f"plan: {plan.describe()}")
-    if plan.predicted is not None:
-        parts = ", ".join(f"{k} {v:.2f}" for k, v in plan.predicted.breakdown().items() if k != "peak")
-        each = " per process" if args.processes > 1 else ""
-        print(f"predicted peak memory{each}: {plan.predicted.peak / hardware.GB:.2f} GB "
-              f"({parts} GB)")
-    print("settings: " + ", ".join(f"{k}={getattr(final, k)}" for k in (
-        "quant", "batch_size", "grad_accum", "max_seq_len", "gradient_checkpointing", "lora_r",
-        "max_samples")))
+    print(report(hw, plan, final, preset_note, processes=args.processes))
     return 0
 
 
@@ -201,6 +190,13 @@ def cmd_monitor(args) -> int:
         return follow(out, args.interval, once=args.once)
     except KeyboardInterrupt:
         return 0
+
+
+def cmd_webui(args) -> int:
+    from glmtune.webui.app import serve
+
+    serve(args.host, args.port, share=args.share)
+    return 0
 
 
 def _env_file(hw, plan, final, preset_note) -> str:
@@ -305,6 +301,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=2.0, help="seconds between updates")
     p.add_argument("--once", action="store_true", help="print one line and exit")
     p.set_defaults(func=cmd_monitor)
+
+    p = sub.add_parser("webui", help="a web page for the whole job: train with live loss and "
+                                     "memory, chat, evaluate, export")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default: %(default)s)")
+    p.add_argument("--share", action="store_true",
+                   help="also open a public Gradio share link (off unless given)")
+    p.set_defaults(func=cmd_webui)
 
     data = sub.add_parser("data", help="data utilities").add_subparsers(
         dest="data_command", required=True, metavar="DATA_COMMAND")

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from glmtune import estimate as est
 from glmtune.config import TrainConfig
 from glmtune.errors import GlmtuneError
-from glmtune.hardware import GB, Hardware
+from glmtune.hardware import GB, Hardware, describe
 
 MIN_SEQ_LEN = 128
 
@@ -52,6 +52,23 @@ class Plan:
         data["predicted_gb"] = self.predicted.breakdown() if self.predicted else None
         data["budget_gb"] = round(self.budget_bytes / GB, 3) if self.budget_bytes else None
         return data
+
+
+def report(hw: Hardware, plan: Plan, final: TrainConfig, preset_note: str | None = None,
+           processes: int = 1) -> str:
+    """What `glmtune plan` prints: hardware, preset, plan, predicted peak memory, settings."""
+    lines = [describe(hw)]
+    if preset_note:
+        lines.append(f"preset: {preset_note}")
+    lines.append(f"plan: {plan.describe()}")
+    if plan.predicted is not None:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in plan.predicted.breakdown().items() if k != "peak")
+        each = " per process" if processes > 1 else ""
+        lines.append(f"predicted peak memory{each}: {plan.predicted.peak / GB:.2f} GB ({parts} GB)")
+    lines.append("settings: " + ", ".join(f"{k}={getattr(final, k)}" for k in (
+        "quant", "batch_size", "grad_accum", "max_seq_len", "gradient_checkpointing", "lora_r",
+        "max_samples")))
+    return "\n".join(lines)
 
 
 def memory_budget(config: TrainConfig, hw: Hardware, processes: int = 1) -> int:

@@ -110,7 +110,7 @@ def _answer(predictor, ids, config: EvalConfig, label: str) -> list[str]:
 
 
 # ------------------------------------------------------------------ reports
-def _summary_rows(task: str, scores: dict) -> list[tuple[str, list[str]]]:
+def summary_rows(task: str, scores: dict) -> list[tuple[str, list[str]]]:
     labels = list(scores)
     if task == "triplet":
         keys = [("precision", "precision"), ("recall", "recall"), ("f1", "f1"),
@@ -124,7 +124,7 @@ def format_report(task: str, data: str, n: int, scores: dict, models: dict[str, 
     what = "triplet extraction" if task == "triplet" else "generation (ROUGE F / BLEU-4, %)"
     lines = [f"{what} on {data}: {n} examples"]
     lines += [f"  {label:<8} {model}" for label, model in models.items()]
-    rows = _summary_rows(task, scores)
+    rows = summary_rows(task, scores)
     width = max(len(title) for title, _ in rows)
     col = max(8, *(len(l) for l in scores))
     lines += ["", " " * width + "  " + "  ".join(l.rjust(col) for l in scores)]

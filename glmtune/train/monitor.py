@@ -85,24 +85,48 @@ class MemoryMonitor:
         self.tripped = False
 
 
-def status_line(out: Path) -> str | None:
-    """One line on a run in ``out``: its latest step and loss, RSS now and at peak."""
+def read_memory(out: Path) -> list[tuple[float, float, float]]:
+    """``memory.csv`` of a run as (seconds, RSS GB, system available GB) rows."""
+    memory_csv = out / "memory.csv"
+    if not memory_csv.is_file():
+        return []
+    rows = []
+    for row in list(csv.reader(memory_csv.open()))[1:]:
+        try:
+            rows.append((float(row[0]), float(row[1]), float(row[2])))
+        except (IndexError, ValueError):  # a row the sampler is writing right now
+            continue
+    return rows
+
+
+def read_metrics(out: Path) -> list[dict]:
+    """``metrics.jsonl`` of a run (a line still being written is skipped)."""
     import json
 
-    memory_csv, metrics = out / "memory.csv", out / "metrics.jsonl"
-    if not memory_csv.is_file():
-        return None
-    rows = list(csv.reader(memory_csv.open()))[1:]
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text("utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+def status_line(out: Path) -> str | None:
+    """One line on a run in ``out``: its latest step and loss, RSS now and at peak."""
+    rows = read_memory(out)
     if not rows:
         return None
-    rss = [float(r[1]) for r in rows]
-    line = f"RSS {rss[-1]:.2f} GB (peak {max(rss):.2f} GB), system available {float(rows[-1][2]):.2f} GB"
-    if metrics.is_file():
-        logged = [json.loads(x) for x in metrics.read_text("utf-8").splitlines() if '"loss"' in x]
-        if logged:
-            last = logged[-1]
-            line = (f"step {last['step']} epoch {last['epoch']} loss {last['loss']:.4f} "
-                    f"{last['tokens_per_s']:.0f} tok/s | " + line)
+    rss = [r[1] for r in rows]
+    line = f"RSS {rss[-1]:.2f} GB (peak {max(rss):.2f} GB), system available {rows[-1][2]:.2f} GB"
+    logged = [r for r in read_metrics(out) if "loss" in r]
+    if logged:
+        last = logged[-1]
+        line = (f"step {last['step']} epoch {last['epoch']} loss {last['loss']:.4f} "
+                f"{last['tokens_per_s']:.0f} tok/s | " + line)
     return line
 
 

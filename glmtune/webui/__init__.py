@@ -1,0 +1,1 @@
+"""``glmtune webui``: a Gradio page over the same commands (``app.py`` builds it)."""
