@@ -1,0 +1,1 @@
+"""Native ChatGLM models (no remote code)."""
