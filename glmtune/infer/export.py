@@ -1,7 +1,10 @@
 """``glmtune export``: merge an adapter into its base and save a standalone model.
 
 The result is an ordinary Hugging Face model directory (safetensors weights,
-config, tokenizer) that loads without peft or glmtune. Before anything is
+config, tokenizer) that loads without peft or glmtune. A THUDM ChatGLM2/3 base is
+written back in its own layout (tensor names, config.json, tokenizer and *.py files
+of the base), so whatever served the base serves the export, with the adapter
+beside it in the same layout (``adapter_original_layout/``). Before anything is
 written, the merged model's logits on a probe prompt are compared with the
 base + adapter logits in float32: a merge that changed what the model computes
 is refused, not saved.
@@ -27,6 +30,8 @@ log = logging.getLogger(__name__)
 
 TOLERANCE = 1e-4
 INFO_FILE = "glmtune_export.json"
+# ChatGLM2/3 bases: the adapter itself, for base + PEFT serving with THUDM's code.
+ORIGINAL_ADAPTER = "adapter_original_layout"
 
 
 @dataclass
@@ -60,6 +65,11 @@ def export(config: ExportConfig) -> ExportResult:
                                         trust_remote_code=config.trust_remote_code,
                                         bf16="false", threads=config.threads, out=None))
     model = predictor.model
+    original = predictor.source.chatglm in (2, 3)  # written back in THUDM's layout
+    if original:
+        from glmtune.model import chatglm
+
+        original_adapter = chatglm.adapter_original(model)
     # The probe covers the chat template's special tokens as well as text.
     ids = torch.tensor([predictor.prompt_ids(DEMO_PROMPT)], device=predictor.device)
     with torch.no_grad():
@@ -82,8 +92,13 @@ def export(config: ExportConfig) -> ExportResult:
             "template": predictor.family.template, "dtype": config.dtype,
             "verified_max_abs_logit_diff": diff, "tolerance": TOLERANCE}
     with artifacts.staging_dir(out) as staged:
-        merged.save_pretrained(staged)
-        predictor.tokenizer.save_pretrained(staged)
+        if original:
+            chatglm.save_original(merged, predictor.source.path, staged, dtype)
+            chatglm.write_adapter(staged / ORIGINAL_ADAPTER, *original_adapter)
+            info["adapter_original_layout"] = ORIGINAL_ADAPTER
+        else:
+            merged.save_pretrained(staged)
+            predictor.tokenizer.save_pretrained(staged)
         (staged / INFO_FILE).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n",
                                         encoding="utf-8")
         if not any(staged.glob("*.safetensors")):
@@ -98,9 +113,8 @@ def _replace_dir(staged: Path, out: Path) -> None:
     os.umask(umask)
     # mkdtemp (and some writers) make things private; an exported model is meant to be shared
     os.chmod(staged, 0o777 & ~umask)
-    for path in staged.iterdir():
-        if path.is_file():
-            os.chmod(path, 0o666 & ~umask)
+    for path in staged.rglob("*"):
+        os.chmod(path, (0o666 if path.is_file() else 0o777) & ~umask)
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")

@@ -1,17 +1,20 @@
 """Which member of the ChatGLM family (or which other causal LM) a checkpoint is.
 
 The family decides the prompt format, the LoRA target modules and whether the
-checkpoint ships its own modeling code. Detection reads only config.json (and
-the tokenizer, for ChatGLM3), so it runs before any weights are loaded.
+checkpoint ships its own modeling code. Detection reads only the directory's files
+(config.json; for ChatGLM2 vs 3 the tokenizer), so it runs before any weights are
+loaded. THUDM's ChatGLM checkpoints are loaded natively (glmtune.model.chatglm).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Mapping
 
 from glmtune.data.templates import TEMPLATES, token_id
 from glmtune.errors import GlmtuneError
+from glmtune.model.chatglm import detect as chatglm_detect
 
 CHATGLM_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 GLM4_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -37,16 +40,13 @@ def _as_dict(model_config: Any) -> dict[str, Any]:
 
 
 def _chatglm_version(config: dict[str, Any], tokenizer, name_or_path: str) -> int:
-    if "position_encoding_2d" in config or not ("multi_query_attention" in config
-                                                 or "kv_channels" in config):
-        return 1
-    # ChatGLM2 and 3 share their architecture and config keys; only the tokenizer
-    # (role tokens) or the repo name tells them apart.
-    if tokenizer is not None and token_id(tokenizer, "<|user|>") is not None:
+    path = Path(name_or_path) if name_or_path else None
+    version = chatglm_detect.version_from_config(
+        config, path if path is not None and path.is_dir() else None, name_or_path)
+    # ChatGLM2 and 3 share their architecture and config keys; a v3 tokenizer has role tokens.
+    if version == 2 and tokenizer is not None and token_id(tokenizer, "<|user|>") is not None:
         return 3
-    if "chatglm3" in name_or_path.lower():
-        return 3
-    return 2
+    return version
 
 
 def _native_model_type(model_type: str) -> bool:
@@ -61,8 +61,11 @@ def detect_family(model_config, tokenizer=None, name_or_path: str = "") -> Famil
     config = _as_dict(model_config)
     model_type = str(config.get("model_type") or "")
     if model_type == "chatglm":
+        # Loaded natively (glmtune.model.chatglm): v2/v3 become GlmForCausalLM, v1 keeps
+        # THUDM's module names in a class of our own. No remote code either way.
         version = _chatglm_version(config, tokenizer, str(name_or_path))
-        return Family(f"chatglm{version}", f"chatglm{version}", CHATGLM_TARGETS, True)
+        targets = CHATGLM_TARGETS if version == 1 else GLM4_TARGETS
+        return Family(f"chatglm{version}", f"chatglm{version}", targets, False)
     if model_type in ("glm", "glm4"):
         return Family(model_type, "glm4", GLM4_TARGETS, False)
     template = "chat_template" if getattr(tokenizer, "chat_template", None) else "plain"

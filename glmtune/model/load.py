@@ -18,6 +18,7 @@ from typing import Any
 
 from glmtune.errors import GlmtuneError
 from glmtune.model import tiny_glm
+from glmtune.model.chatglm import detect as chatglm
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,11 @@ class ModelSource:
     path: str             # local directory or hub id handed to from_pretrained
     config: dict[str, Any]  # config.json as a dict ({} for hub ids not cached locally)
     local: bool
+    chatglm: int | None = None  # 1, 2 or 3: an original THUDM ChatGLM checkpoint, loaded natively
 
     @property
     def needs_remote_code(self) -> bool:
-        return "auto_map" in self.config
+        return "auto_map" in self.config and self.chatglm is None
 
 
 def resolve(model: str, *, build_tiny: bool = True) -> ModelSource:
@@ -46,7 +48,8 @@ def resolve(model: str, *, build_tiny: bool = True) -> ModelSource:
         if not (path / "config.json").is_file():
             raise GlmtuneError(f"{path}: not a model directory (no config.json); expected a "
                                "Hugging Face model folder with config.json, weights and tokenizer")
-        return ModelSource(model, str(path), _read_config(path), True)
+        config = _read_config(path)
+        return ModelSource(model, str(path), config, True, chatglm.chatglm_version(path, config))
     if path.exists():
         raise GlmtuneError(f"{path}: is a file; --model expects a model directory or a hub id")
     looks_local = model.startswith((".", "/", "~")) or model.count("/") != 1
@@ -81,6 +84,10 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
     check_remote_code(source, trust_remote_code)
+    if source.chatglm is not None:
+        from glmtune.model import chatglm as chatglm_native
+
+        return chatglm_native.load_tokenizer(source.path, source.chatglm)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as exc:
@@ -178,8 +185,7 @@ def load_model(source: ModelSource, *, trust_remote_code: bool, dtype=None,
     auto_map = source.config.get("auto_map", {})
     # ChatGLM-6B (v1) registers only AutoModel; its class is still a causal LM.
     loader = AutoModel if auto_map and "AutoModelForCausalLM" not in auto_map else AutoModelForCausalLM
-    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code,
-                              "dtype": dtype or torch.float32}
+    kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     if device_map is not None:
@@ -187,8 +193,14 @@ def load_model(source: ModelSource, *, trust_remote_code: bool, dtype=None,
     from safetensors import SafetensorError
 
     try:
-        with streaming_safetensors():
-            model = loader.from_pretrained(source.path, **kwargs)
+        if source.chatglm is not None:
+            from glmtune.model import chatglm as chatglm_native
+
+            model = chatglm_native.load_model(source.path, source.chatglm, **kwargs)
+        else:
+            with streaming_safetensors():
+                model = loader.from_pretrained(source.path, trust_remote_code=trust_remote_code,
+                                               **kwargs)
     except SafetensorError as exc:
         raise GlmtuneError(f"{source.path}: a safetensors weight file is corrupted or "
                            f"truncated ({_first_line(exc)}); re-download or re-export it") from exc
