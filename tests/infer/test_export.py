@@ -78,12 +78,12 @@ def test_export_needs_an_adapter(run_cli, tmp_path):
     assert not (tmp_path / "m").exists()
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
-def test_export_remote_code_chatglm(version, run_cli, tmp_path):
+@pytest.mark.parametrize("auto_model_only", [False, True])
+def test_export_remote_code_model(auto_model_only, run_cli, tmp_path):
     from glmtune.model import load
-    from tests.fixtures.remote_chatglm import build_remote_chatglm
+    from tests.fixtures.remote_code_model import build_remote_model
 
-    base = build_remote_chatglm(tmp_path / f"chatglm{version}", version=version)
+    base = build_remote_model(tmp_path / "remote-glm", auto_model_only=auto_model_only)
     adapter = build_random_adapter(base, tmp_path / "lora", trust_remote_code=True)
     out = tmp_path / "merged"
     code, stdout, err = run_cli("export", "--adapter", adapter, "--model", base,
@@ -91,7 +91,7 @@ def test_export_remote_code_chatglm(version, run_cli, tmp_path):
     assert code == 0, err
     assert "verified" in stdout
     # the model's own code travels with it, or the export would not load anywhere else
-    assert (out / "modeling_chatglm.py").is_file() and (out / "configuration_chatglm.py").is_file()
+    assert (out / "modeling_remote.py").is_file() and (out / "configuration_remote.py").is_file()
 
     with_adapter = Predictor(PredictConfig(adapter=str(adapter), model=str(base),
                                            trust_remote_code=True, bf16="false", threads=1))

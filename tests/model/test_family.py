@@ -6,8 +6,8 @@ from glmtune.errors import GlmtuneError
 from glmtune.model.family import (
     CHATGLM_TARGETS, GLM4_TARGETS, Family, detect_family, template_override)
 
-from tests.fixtures.remote_chatglm import (
-    GLM_SPECIALS, ROLE_SPECIALS, build_remote_chatglm, build_tokenizer)
+from tests.fixtures.remote_code_model import (
+    GLM_SPECIALS, ROLE_SPECIALS, build_remote_model, build_tokenizer)
 
 # config.json keys as THUDM's checkpoints ship them (abridged).
 V1 = {"model_type": "chatglm", "position_encoding_2d": True, "inner_hidden_size": 16384,
@@ -28,13 +28,15 @@ def v3_tokenizer():
 
 def test_chatglm1(v2_tokenizer):
     family = detect_family(V1, v2_tokenizer)
-    assert family == Family("chatglm1", "chatglm1", CHATGLM_TARGETS, True)
+    # Loaded natively (no remote code), keeping THUDM's module names.
+    assert family == Family("chatglm1", "chatglm1", CHATGLM_TARGETS, False)
     # Old v1 configs predate both v2 keys.
     assert detect_family({"model_type": "chatglm", "hidden_size": 4096}).name == "chatglm1"
 
 
 def test_chatglm2_and_3_differ_only_by_tokenizer_or_name(v2_tokenizer, v3_tokenizer):
-    assert detect_family(V2, v2_tokenizer) == Family("chatglm2", "chatglm2", CHATGLM_TARGETS, True)
+    # Loaded natively as GlmForCausalLM: GLM's module names, no remote code.
+    assert detect_family(V2, v2_tokenizer) == Family("chatglm2", "chatglm2", GLM4_TARGETS, False)
     assert detect_family(V2).name == "chatglm2"
     assert detect_family(V2, v3_tokenizer).template == "chatglm3"
     assert detect_family(V2, None, "/models/THUDM/ChatGLM3-6B-base").name == "chatglm3"
@@ -87,32 +89,30 @@ def test_generic_remote_code_only_for_unknown_architectures():
 def test_template_override():
     family = detect_family(V2)
     assert template_override(family, "chat_template").template == "chat_template"
-    assert template_override(family, "chat_template").lora_targets == CHATGLM_TARGETS
+    assert template_override(family, "chat_template").lora_targets == GLM4_TARGETS
     with pytest.raises(GlmtuneError, match="chatglm1, chatglm2, chatglm3, glm4, chat_template, plain"):
         template_override(family, "alpaca")
 
 
-# --- the remote-code fixture ------------------------------------------------
+# --- a generic remote-code model ---------------------------------------------
 
 @pytest.fixture(scope="module")
 def remote_dirs(tmp_path_factory):
-    return {v: build_remote_chatglm(tmp_path_factory.mktemp(f"chatglm{v}"), version=v)
-            for v in (1, 2, 3)}
+    return {only: build_remote_model(tmp_path_factory.mktemp("remote"), auto_model_only=only)
+            for only in (False, True)}
 
 
-@pytest.mark.parametrize("version", [1, 2, 3])
-def test_remote_fixture_loads_and_is_detected(remote_dirs, version):
+@pytest.mark.parametrize("auto_model_only", [False, True])
+def test_remote_fixture_loads_and_is_detected(remote_dirs, auto_model_only):
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    path = remote_dirs[version]
-    # ChatGLM-6B (v1) registers only AutoModel, as on the hub.
-    loader = AutoModel if version == 1 else AutoModelForCausalLM
+    path = remote_dirs[auto_model_only]
+    loader = AutoModel if auto_model_only else AutoModelForCausalLM
     model = loader.from_pretrained(path, trust_remote_code=True)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     family = detect_family(model.config, tokenizer, str(path))
-    assert family.name == f"chatglm{version}" and family.remote_code
-    assert family.lora_targets == CHATGLM_TARGETS
+    assert family == Family("generic", "plain", "all-linear", True)
     assert detect_family(json.loads((path / "config.json").read_text()), tokenizer) == family
 
     ids = torch.tensor([tokenizer.encode("你好 hello", add_special_tokens=False)])
@@ -120,12 +120,13 @@ def test_remote_fixture_loads_and_is_detected(remote_dirs, version):
     assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, ids.shape[1] + 3)
 
 
-def test_remote_fixture_takes_lora_on_chatglm_names(remote_dirs):
-    import torch
+def test_remote_fixture_takes_lora_on_its_own_names(remote_dirs):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(remote_dirs[2], trust_remote_code=True)
+    import torch
+
+    model = AutoModelForCausalLM.from_pretrained(remote_dirs[False], trust_remote_code=True)
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=list(CHATGLM_TARGETS),
                                                   task_type="CAUSAL_LM"))
     wrapped = {name.rsplit(".", 1)[-1] for name, module in peft_model.named_modules()
@@ -140,4 +141,4 @@ def test_remote_fixture_refuses_without_trust(remote_dirs):
 
     # trust_remote_code=False fails at once; None would ask on stdin (see load.py).
     with pytest.raises(ValueError, match="trust_remote_code=True"):
-        AutoModelForCausalLM.from_pretrained(remote_dirs[2], trust_remote_code=False)
+        AutoModelForCausalLM.from_pretrained(remote_dirs[False], trust_remote_code=False)
