@@ -10,7 +10,7 @@ from typing import Callable, Iterator, Sequence
 from glmtune import hardware
 from glmtune.config import PredictConfig, TrainConfig, load_yaml
 from glmtune.data.sample import Message
-from glmtune.data.templates import encode_prompt, stop_token_ids
+from glmtune.data.templates import encode_prompt, finish_answer, settled_answer, stop_token_ids
 from glmtune.errors import GlmtuneError
 from glmtune.model import load
 from glmtune.model.family import detect_family, template_override
@@ -80,7 +80,7 @@ class Predictor:
                 input_ids=ids, attention_mask=torch.ones_like(ids),
                 max_new_tokens=max_new_tokens or self.config.max_new_tokens, do_sample=False,
                 eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id)
-        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        return self._answer(out[0, ids.shape[1]:])
 
     def conversation_ids(self, messages: Sequence[Message]) -> list[int]:
         """Prompt ids of any conversation ending with a user turn (system messages allowed)."""
@@ -137,15 +137,19 @@ class Predictor:
                 input_ids=ids, attention_mask=mask,
                 max_new_tokens=max_new_tokens or self.config.max_new_tokens, do_sample=False,
                 eos_token_id=self.stop_ids, pad_token_id=pad)
-        return [self.tokenizer.decode(row[width:], skip_special_tokens=True).strip()
-                for row in out]
+        return [self._answer(row[width:]) for row in out]
+
+    def _answer(self, ids) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return finish_answer(self.family.template, text)
 
     def stream(self, prompt: str, history: Sequence[tuple[str, str]] = (),
                max_new_tokens: int | None = None) -> Iterator[str]:
         """``generate``'s answer in pieces as they are produced (for chat).
 
-        The pieces joined and stripped equal ``generate(prompt, history)``: generation is the
-        same call, run in a thread that feeds a streamer.
+        The pieces joined equal ``generate(prompt, history)``: generation is the same call,
+        run in a thread that feeds a streamer, and a piece is given out once what the
+        family's answer finishing (``finish_answer``) makes of it can no longer change.
         """
         import threading
 
@@ -172,17 +176,19 @@ class Predictor:
 
         thread = threading.Thread(target=run, name="glmtune-generate", daemon=True)
         thread.start()
-        started = False
+        text, given = "", ""
         for piece in streamer:
-            if not started:
-                # generate() strips the answer; a stream must not start with what it drops
-                piece = piece.lstrip()
-                started = bool(piece)
-            if piece:
-                yield piece
+            text += piece
+            settled = settled_answer(self.family.template, text)
+            if len(settled) > len(given) and settled.startswith(given):
+                yield settled[len(given):]
+                given = settled
         thread.join()
         if failure:
             raise failure[0]
+        final = finish_answer(self.family.template, text)
+        if final.startswith(given) and len(final) > len(given):
+            yield final[len(given):]
 
     @contextmanager
     def base_model(self):
