@@ -1,0 +1,84 @@
+"""train -> predict -> chat -> eval -> export on ChatGLM2-6B / ChatGLM3-6B in their published layout.
+
+No --trust-remote-code anywhere: the checkpoints carry stand-ins for THUDM's .py files
+that raise if imported. The export is written back in THUDM's layout; loaded again
+(by glmtune, natively) it answers exactly as base + adapter. That THUDM's own code
+under transformers 4.33.3 also answers so was checked in a scratch environment
+(tests/fixtures/chatglm_reference.py, "export" mode).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from glmtune.config import PredictConfig
+from glmtune.infer.chat import run_chat
+from glmtune.infer.export import ORIGINAL_ADAPTER
+from glmtune.infer.predict import Predictor
+from tests.conftest import read_jsonl
+from tests.fixtures.chatglm_layout import REMOTE_FILES, build_chatglm
+
+PROMPT = "苹果公司是一家美国的科技公司。"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", [2, 3])
+def test_whole_pipeline_without_remote_code(version, run_cli, triplet_dir, tmp_path):
+    base = build_chatglm(tmp_path / f"chatglm{version}-6b", version)
+    lora, merged = tmp_path / "lora", tmp_path / "merged"
+    common = ("--bf16", "false", "--threads", 1)
+
+    code, _, err = run_cli("train", "--model", base, "--data", triplet_dir / "train_triplet.jsonl",
+                           "--output-dir", lora, "--max-steps", 3, "--batch-size", 2,
+                           "--max-seq-len", 256, "--lr", "0.01", *common)
+    assert code == 0, err
+    assert f"model family: chatglm{version}, prompt template: chatglm{version}" in err
+    adapter_config = json.loads((lora / "adapter_config.json").read_text())
+    assert sorted(adapter_config["target_modules"]) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"])
+    assert not adapter_config["modules_to_save"]
+
+    code, out, err = run_cli("predict", "--adapter", lora, "--prompt", PROMPT,
+                             "--max-new-tokens", 8, *common)
+    assert code == 0, err
+    answer = out.strip().splitlines()[-1]
+    code, out, _ = run_cli("predict", "--adapter", "", "--model", base, "--prompt", PROMPT,
+                           "--max-new-tokens", 8, *common)
+    assert out.strip().splitlines()[-1] != answer  # the adapter changes something
+
+    predictor = Predictor(PredictConfig(adapter=str(lora), max_new_tokens=8, bf16="false",
+                                        threads=1))
+    stdout = io.StringIO()
+    run_chat(predictor, io.StringIO(f"{PROMPT}\n/exit\n"), stdout, io.StringIO(),
+             interactive=False)
+    assert stdout.getvalue() == f"{answer}\n"
+
+    code, _, err = run_cli("eval", "--task", "triplet", "--adapter", lora, "--data",
+                           triplet_dir / "val_triplet.jsonl", "--max-samples", 2,
+                           "--max-new-tokens", 4, "--output-dir", tmp_path / "eval", *common)
+    assert code == 0, err
+    assert len(read_jsonl(tmp_path / "eval" / "predictions.jsonl")) == 2
+
+    code, out, err = run_cli("export", "--adapter", lora, "--out", merged, "--threads", 1)
+    assert code == 0, err
+    # THUDM's layout: its tensor names, its files copied unchanged
+    names = json.loads((merged / "model.safetensors.index.json").read_text())["weight_map"]
+    assert "transformer.encoder.layers.0.self_attention.query_key_value.weight" in names
+    assert not any(".q_proj." in n or n.startswith("model.") for n in names)
+    for file in REMOTE_FILES + ("tokenizer.model", "tokenizer_config.json"):
+        assert (merged / file).read_bytes() == (base / file).read_bytes(), file
+    base_config = json.loads((base / "config.json").read_text())
+    merged_config = json.loads((merged / "config.json").read_text())
+    assert merged_config == {**base_config, "torch_dtype": "float32"}
+    original = json.loads((merged / ORIGINAL_ADAPTER / "adapter_config.json").read_text())
+    assert original["target_modules"] == ["dense", "dense_4h_to_h", "dense_h_to_4h",
+                                          "query_key_value"]
+    assert original["rank_pattern"] == {"query_key_value": 3 * original["r"]}
+
+    code, out, err = run_cli("predict", "--adapter", "", "--model", merged, "--prompt", PROMPT,
+                             "--max-new-tokens", 8, *common)
+    assert code == 0, err
+    assert out.strip().splitlines()[-1] == answer
