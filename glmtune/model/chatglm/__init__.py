@@ -104,8 +104,16 @@ def adapter_original(peft_model) -> tuple[dict, dict]:
     if _is_v1(peft_model):
         # v1 keeps THUDM's modules (query_key_value is one Linear): the adapter already is
         # in the original layout; only its config is rewritten for the older PEFTs.
-        return {k: v.detach().cpu().contiguous() for k, v in state.items()}, \
-            _adapter_config(config, list(config.target_modules), config.modules_to_save)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        saved = list(config.modules_to_save or [])
+        embeddings = "base_model.model.transformer.word_embeddings.weight"
+        head = "base_model.model.lm_head.weight"
+        if embeddings in tensors:
+            # A trained copy of the tied embeddings may be saved once; the older PEFTs
+            # would leave THUDM's head on the untrained matrix: the head gets its copy.
+            tensors.setdefault(head, tensors[embeddings].clone())
+            saved += [] if "lm_head" in saved else ["lm_head"]
+        return tensors, _adapter_config(config, list(config.target_modules), saved)
     tensors, rank3 = convert.adapter_to_original(state, config.r)
     factor = 3 ** 0.5 if config.use_rslora else 3  # keeps alpha / r (or alpha / sqrt r) per module
     names = {"q_proj": "query_key_value", "k_proj": "query_key_value",

@@ -207,3 +207,45 @@ def test_unsupported_checkpoints_are_refused_with_the_reason(v1_dir, tmp_path, k
     with pytest.raises(GlmtuneError, match=expected) as info:
         load_v1(tmp_path)
     assert str(tmp_path / "config.json") in str(info.value)
+
+
+def test_detected_and_loaded_natively_from_the_directory(v1_dir):
+    """No flag and no remote code: the directory's THUDM files are stand-ins that raise."""
+    from glmtune.model import load
+    from glmtune.model.family import Family, detect_family
+
+    source = load.resolve(str(v1_dir))
+    assert source.chatglm == 1 and not source.needs_remote_code
+    tokenizer = load.load_tokenizer(source, trust_remote_code=False)
+    assert isinstance(tokenizer, ChatGLM1Tokenizer)
+    assert detect_family(source.config, tokenizer, source.path) == Family(
+        "chatglm1", "chatglm1", CHATGLM_TARGETS, False)
+    assert isinstance(load.load_model(source, trust_remote_code=False), ChatGLM1ForCausalLM)
+
+
+@pytest.mark.parametrize("index", [i for i, c in enumerate(GOLDEN["chat"]) if not c["history"]])
+def test_predict_on_the_bare_base_answers_as_thudms_chat(v1_dir, run_cli, index):
+    case = GOLDEN["chat"][index]
+    code, out, err = run_cli("predict", "--adapter", "", "--model", v1_dir, "--prompt",
+                             case["query"], "--max-new-tokens", 24, "--bf16", "false",
+                             "--threads", 1)
+    assert code == 0, err
+    assert out.strip().splitlines()[-1] == case["response"]
+
+
+def test_original_layout_adapter_gives_the_tied_head_its_trained_copy(v1_dir):
+    """PEFT saves a trained copy of tied embeddings once; the PEFTs that run THUDM's code
+    would leave the head on the old matrix, so the exported adapter carries both."""
+    from peft import LoraConfig, get_peft_model
+
+    from glmtune.model import chatglm
+
+    model = load_v1(v1_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(
+        r=2, target_modules=list(CHATGLM_TARGETS), init_lora_weights=False,
+        modules_to_save=["word_embeddings", "lm_head"], ensure_weight_tying=True))
+    tensors, config = chatglm.adapter_original(peft_model)
+    embeddings = tensors["base_model.model.transformer.word_embeddings.weight"]
+    assert torch.equal(tensors["base_model.model.lm_head.weight"], embeddings)
+    assert "lm_head" in config["modules_to_save"] and "rank_pattern" not in config
+    assert "base_model.model.transformer.layers.0.attention.query_key_value.lora_A.weight" in tensors
