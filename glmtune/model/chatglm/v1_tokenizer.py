@@ -72,7 +72,7 @@ class ChatGLM1Tokenizer(PreTrainedTokenizer):
                          **kwargs)
 
     @classmethod
-    def from_dir(cls, model_dir: str | os.PathLike, **overrides: Any) -> "ChatGLM1Tokenizer":
+    def from_dir(cls, model_dir: str | os.PathLike, **overrides: Any) -> ChatGLM1Tokenizer:
         """The tokenizer of a THUDM/chatglm-6b style directory (ice_text.model +
         tokenizer_config.json); the config's remote-code entries are ignored."""
         path = Path(model_dir)

@@ -22,11 +22,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from transformers import AutoModel, AutoTokenizer  # noqa: E402
+import torch
+import transformers
+from transformers import AutoModel, AutoTokenizer
 
-from tests.fixtures.chatglm_layout import REMOTE_FILES, build_chatglm  # noqa: E402
+from tests.fixtures.chatglm_layout import REMOTE_FILES, build_chatglm
 
 TEXTS = ["你好", "Hello world, hello model!", "第一行\n第二行\n\n第三行", "a\tb\t\tc",
          "x    y  z" + " " * 90 + "w", "  两个空格开头", "def main():\n    for i in range(10):\n        print(i)\n",

@@ -16,7 +16,11 @@ import torch
 from glmtune.data.sample import Message
 from glmtune.data.templates import encode_prompt
 from glmtune.errors import GlmtuneError
-from glmtune.model.chatglm.v1_model import ChatGLM1ForCausalLM, glm_position_ids, load_v1
+from glmtune.model.chatglm.v1_model import (
+    ChatGLM1ForCausalLM,
+    glm_position_ids,
+    load_v1,
+)
 from glmtune.model.chatglm.v1_tokenizer import ChatGLM1Tokenizer
 from glmtune.model.family import CHATGLM_TARGETS
 from tests.fixtures.chatglm_layout import build_chatglm
