@@ -26,7 +26,6 @@ recomputed, never loaded.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -42,6 +41,7 @@ from transformers.modeling_outputs import (
 )
 
 from glmtune.errors import GlmtuneError
+from glmtune.model.files import read_json_object
 
 # THUDM's GLMBlock takes num_layers=28 as a default argument that ChatGLMModel never
 # passes on, so the published model computes alpha = sqrt(2 * 28) whatever config.json
@@ -375,12 +375,7 @@ def config_from_dir(model_dir: str | Path) -> ChatGLM1Config:
     """ChatGLM1Config from a THUDM/chatglm-6b style config.json (auto_map and THUDM's
     class names dropped: nothing here runs the directory's own code)."""
     file = Path(model_dir) / "config.json"
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise GlmtuneError(f"{file}: unreadable model config ({exc})") from exc
-    if not isinstance(data, dict):
-        raise GlmtuneError(f"{file}: expected a JSON object")
+    data = read_json_object(file, "model config")
     for key in ("auto_map", "architectures", "model_type", "_name_or_path", "transformers_version"):
         data.pop(key, None)
     try:

@@ -21,7 +21,6 @@ mask, so padding on either side works.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -31,6 +30,7 @@ from typing import Any
 from transformers import PreTrainedTokenizer
 
 from glmtune.errors import GlmtuneError
+from glmtune.model.files import read_json_object
 
 VOCAB_FILE = "ice_text.model"
 TAB = "<|tab|>"
@@ -80,15 +80,9 @@ class ChatGLM1Tokenizer(PreTrainedTokenizer):
         if not vocab.is_file():
             raise GlmtuneError(f"{path}: no {VOCAB_FILE}; a ChatGLM-6B directory needs its "
                                "SentencePiece model next to config.json")
-        settings: dict[str, Any] = {}
         config_file = path / "tokenizer_config.json"
-        if config_file.is_file():
-            try:
-                settings = json.loads(config_file.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise GlmtuneError(f"{config_file}: unreadable tokenizer config ({exc})") from exc
-            if not isinstance(settings, dict):
-                raise GlmtuneError(f"{config_file}: expected a JSON object")
+        settings = (read_json_object(config_file, "tokenizer config") if config_file.is_file()
+                    else {})
         keys = ("num_image_tokens", "max_blank_length", "do_lower_case", "remove_space",
                 "bos_token", "eos_token", "end_token", "mask_token", "gmask_token", "pad_token",
                 "unk_token", "padding_side", "model_max_length")
