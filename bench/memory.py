@@ -2,7 +2,9 @@
 
 Builds (once, cached under bench/cache/, outside git) a random-weight GLM with
 ChatGLM3-6B's shape, written straight to 1 GB safetensors shards so building
-never holds the model in memory, then trains a few steps in a fresh process
+never holds the model in memory -- and the same shape in THUDM's original layout
+(``pytorch_model-0000N-of-0000M.bin`` pickles, THUDM's tensor names and config.json,
+loaded natively and converted while loading) -- then trains a few steps in a fresh process
 per configuration and compares the process's peak RSS (loading included) with
 what ``glmtune plan`` predicted before loading.
 
@@ -41,6 +43,8 @@ SHAPES = {
 RUNS = {
     "6b-4bit": ("glm-6b", "4bit", 1, 128, True),
     "6b-bf16": ("glm-6b", "none", 1, 128, True),
+    # ChatGLM3-6B as published: .bin shards, converted while loading (target: peak <= 8 GB)
+    "chatglm3-6b-bin-4bit": ("chatglm3-6b-bin", "4bit", 1, 128, True),
     "tiny-default": ("tiny-glm", "none", 16, 128, False),
     "241m-bf16": ("glm-241m", "none", 4, 256, False),
     "660m-4bit": ("glm-660m", "4bit", 2, 128, True),
@@ -99,6 +103,66 @@ def build_random_glm(name: str) -> Path:
     return path
 
 
+# ChatGLM3-6B's config.json sizes
+CHATGLM3_6B = dict(hidden_size=4096, num_layers=28, ffn_hidden_size=13696, kv_channels=128,
+                   num_attention_heads=32, padded_vocab_size=65024)
+
+
+def build_chatglm3_bin(name: str = "chatglm3-6b-bin", sizes: dict | None = None) -> Path:
+    """ChatGLM3-6B's published layout with random fp16 weights, one .bin shard in memory at a time."""
+    import torch
+    from transformers import GlmForCausalLM
+
+    from glmtune.model.chatglm import convert
+    from tests.fixtures.chatglm_layout import (
+        config_json, tokenizer_config_json, train_sentencepiece, write_stand_ins)
+
+    path = CACHE / name
+    if (path / "pytorch_model.bin.index.json").is_file():
+        return path
+    tmp = CACHE / f".{name}.tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    config = {**config_json(3, 65024), **(sizes or CHATGLM3_6B)}
+    with torch.device("meta"):
+        glm = convert.glm_config(config)
+        state = GlmForCausalLM(glm).state_dict()
+    shapes = {n: t.shape for n, t in convert.to_original(state, glm).items()}
+    shapes["transformer.rotary_pos_emb.inv_freq"] = torch.Size([config["kv_channels"] // 4])
+    generator = torch.Generator().manual_seed(0)
+    files: list[list[str]] = [[]]
+    size = 0
+    for pname, shape in shapes.items():  # plan shards of about SHARD_BYTES
+        nbytes = 2 * torch.Size(shape).numel()
+        if files[-1] and size + nbytes > SHARD_BYTES:
+            files.append([])
+            size = 0
+        files[-1].append(pname)
+        size += nbytes
+    index, total = {}, 0
+    for i, names in enumerate(files, 1):
+        file = f"pytorch_model-{i:05d}-of-{len(files):05d}.bin"
+        shard = {}
+        for pname in names:
+            shape = shapes[pname]
+            if len(shape) == 1:
+                shard[pname] = (torch.ones(shape) if "norm" in pname else
+                                torch.zeros(shape)).to(torch.float16)
+            else:
+                shard[pname] = (torch.randn(shape, generator=generator) * 0.02).to(torch.float16)
+            index[pname] = file
+            total += shard[pname].numel() * 2
+        torch.save(shard, tmp / file)
+        del shard
+    (tmp / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": index}))
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config_json(3)))
+    train_sentencepiece(tmp / "tokenizer.model")
+    write_stand_ins(tmp, 3)
+    tmp.rename(path)
+    return path
+
+
 def child(spec: dict) -> dict:
     """One run in this (fresh) process: plan, load, train, report peak RSS."""
     from glmtune.config import TrainConfig
@@ -144,7 +208,12 @@ def main(argv=None) -> int:
     results = {}
     for name in args.only or RUNS:
         model, quant, batch, seq, ckpt = RUNS[name]
-        path = model if model == "tiny-glm" else str(build_random_glm(model))
+        if model == "tiny-glm":
+            path = model
+        elif model == "chatglm3-6b-bin":
+            path = str(build_chatglm3_bin(model))
+        else:
+            path = str(build_random_glm(model))
         spec = dict(model=path, quant=quant, batch=batch, seq=seq, ckpt=ckpt, steps=args.steps,
                     out=str(CACHE / "runs" / name))
         print(f"== {name}: {model} quant={quant} batch={batch} seq={seq} checkpointing={ckpt}",

@@ -121,10 +121,9 @@ def test_remote_fixture_loads_and_is_detected(remote_dirs, auto_model_only):
 
 
 def test_remote_fixture_takes_lora_on_its_own_names(remote_dirs):
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-
-    import torch
 
     model = AutoModelForCausalLM.from_pretrained(remote_dirs[False], trust_remote_code=True)
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=list(CHATGLM_TARGETS),

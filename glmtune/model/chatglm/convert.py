@@ -18,8 +18,9 @@ untied head); only the names differ and ``query_key_value`` is one fused matrix.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from glmtune.errors import GlmtuneError
 
@@ -157,15 +158,25 @@ def load_glm(model_dir: str | Path, *, dtype=None, quantization_config=None, dev
 
     model_dir = Path(model_dir)
     config = glm_config(_read_config(model_dir), model_dir / "config.json")
-    weights.check_files(model_dir)  # a clear error before transformers' generic one
     kwargs: dict[str, Any] = {"config": config, "dtype": dtype or torch.float32}
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     if device_map is not None:
         kwargs["device_map"] = device_map
-    with streaming_safetensors():
-        model = model_class().from_pretrained(str(model_dir), **kwargs)
+    lazy = weights.lazy_bin_state_dict(model_dir)
+    if lazy is not None:  # .bin shards: read one at a time (see lazy_bin_state_dict)
+        model = model_class().from_pretrained(None, state_dict=lazy, **kwargs)
+    else:
+        with streaming_safetensors():
+            model = model_class().from_pretrained(str(model_dir), **kwargs)
+    # Loaded, it is a plain GlmForCausalLM: what recognises transformers' own classes (the
+    # fast path's fused attention and head) must see it as one.
+    from transformers import GlmForCausalLM
+
+    model.__class__ = GlmForCausalLM
     model.generation_config.eos_token_id = config.eos_token_id
+    # what adapters record as their base (a state_dict load leaves it empty)
+    model.config._name_or_path = model.name_or_path = str(model_dir)
     return model
 
 

@@ -9,8 +9,9 @@ text: v3's lists the ``<|user|>`` role token) or the repo name tells them apart.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from glmtune.errors import GlmtuneError
 

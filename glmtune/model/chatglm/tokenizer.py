@@ -49,7 +49,7 @@ class ChatGLMTokenizer(PythonBackend):
                          chatglm_version=chatglm_version, **kwargs)
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, version: int) -> "ChatGLMTokenizer":
+    def from_dir(cls, model_dir: str | Path, version: int) -> ChatGLMTokenizer:
         file = Path(model_dir) / VOCAB_FILE
         if not file.is_file():
             raise GlmtuneError(f"{file}: not found; a ChatGLM{version}-6B directory holds its "

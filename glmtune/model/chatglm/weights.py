@@ -8,8 +8,9 @@ json when there is one.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from glmtune.errors import GlmtuneError
 
@@ -49,10 +50,6 @@ def shard_files(model_dir: str | Path) -> list[Path]:
             return found
     raise GlmtuneError(f"{model_dir}: no weights found (expected model*.safetensors or "
                        "pytorch_model*.bin, with their index json when sharded)")
-
-
-def check_files(model_dir: str | Path) -> None:
-    shard_files(model_dir)
 
 
 def read_shard(file: Path) -> dict[str, Any]:
@@ -101,3 +98,58 @@ def write_shards(out: Path, tensors: dict[str, Any], *, max_shard_bytes: int = 2
     (out / SAFE_INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                               "weight_map": weight_map}, indent=2) + "\n",
                                   encoding="utf-8")
+
+
+class _Shard:
+    """One .bin shard, unpickled (weights_only, memory-mapped) on first use and dropped
+    -- mapping and all -- once every tensor in it has been taken."""
+
+    def __init__(self, file: Path, names: set[str]):
+        self.file, self.pending = file, set(names)
+        self.tensors: dict[str, Any] | None = None
+
+    def take(self, name: str):
+        if self.tensors is None:
+            self.tensors = read_shard(self.file)
+        tensor = self.tensors[name].clone()  # a copy of its own: the mapping can go
+        self.pending.discard(name)
+        if not self.pending:
+            self.tensors = None
+        return tensor
+
+
+class LazyTensor:
+    """A stored tensor that is read when transformers materializes it (``tensor[...]``)."""
+
+    def __init__(self, shard: _Shard, name: str):
+        self.shard, self.name = shard, name
+
+    def __getitem__(self, item):
+        return self.shard.take(self.name)[item]
+
+
+def lazy_bin_state_dict(model_dir: str | Path) -> dict[str, LazyTensor] | None:
+    """name -> LazyTensor over the .bin shards, or None when the checkpoint has safetensors.
+
+    transformers memory-maps every .bin shard up front and keeps them mapped until the
+    whole model is loaded, so each page it read stays in the process's RSS: a 12 GB
+    checkpoint costs 12 GB on top of the (maybe 4-bit) model. Read lazily, a shard is
+    unmapped as soon as its last tensor is converted: the peak is the model plus one shard.
+    """
+    files = shard_files(model_dir)
+    if files[0].suffix != ".bin":
+        return None
+    model_dir = Path(model_dir)
+    index = model_dir / BIN_INDEX
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        by_file: dict[str, set[str]] = {}
+        for name, file in weight_map.items():
+            by_file.setdefault(file, set()).add(name)
+    else:  # one unindexed file: its names are only known by reading it
+        by_file = {files[0].name: set(read_shard(files[0]))}
+    state: dict[str, LazyTensor] = {}
+    for file, names in by_file.items():
+        shard = _Shard(model_dir / file, names)
+        state.update({name: LazyTensor(shard, name) for name in names})
+    return state
