@@ -296,6 +296,8 @@ class ChatGLM1Model(ChatGLM1PreTrainedModel):
 
 class ChatGLM1ForCausalLM(ChatGLM1PreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "transformer.word_embeddings.weight"}
+    # logits = lm_head(last hidden state), nothing after: glmtune's fused head + loss applies
+    plain_lm_head = True
 
     def __init__(self, config: ChatGLM1Config):
         super().__init__(config)

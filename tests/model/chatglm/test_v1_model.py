@@ -253,3 +253,19 @@ def test_original_layout_adapter_gives_the_tied_head_its_trained_copy(v1_dir):
     assert torch.equal(tensors["base_model.model.lm_head.weight"], embeddings)
     assert "lm_head" in config["modules_to_save"] and "rank_pattern" not in config
     assert "base_model.model.transformer.layers.0.attention.query_key_value.lora_A.weight" in tensors
+
+
+def test_fused_head_and_loss_equal_the_models_loss(v1_dir):
+    from peft import LoraConfig, get_peft_model
+
+    from glmtune.model import fused
+
+    model = get_peft_model(load_v1(v1_dir), LoraConfig(r=2, target_modules=list(CHATGLM_TARGETS)))
+    ids, labels = torch.tensor([GOLDEN["train"]["input_ids"]]), torch.tensor([GOLDEN["train"]["labels"]])
+    expected = model(input_ids=ids, labels=labels).loss
+    head, parts = fused.install(model)
+    assert head is model.get_base_model().lm_head and "LM head + loss" in parts
+    with fused.head_bypassed(head):
+        hidden = model(input_ids=ids).logits
+    total = fused.linear_cross_entropy(hidden[:, :-1], head.weight, labels[:, 1:])
+    assert (total / (labels != -100).sum()).item() == pytest.approx(expected.item(), rel=1e-5)
