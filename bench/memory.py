@@ -126,7 +126,7 @@ def build_chatglm3_bin(name: str = "chatglm3-6b-bin", sizes: dict | None = None)
     with torch.device("meta"):
         glm = convert.glm_config(config)
         state = GlmForCausalLM(glm).state_dict()
-    shapes = {n: t.shape for n, t in convert.to_original(state, glm).items()}
+    shapes = {n: t.shape for n, t in convert.to_original(state).items()}
     shapes["transformer.rotary_pos_emb.inv_freq"] = torch.Size([config["kv_channels"] // 4])
     generator = torch.Generator().manual_seed(0)
     files: list[list[str]] = [[]]

@@ -66,10 +66,14 @@ def export(config: ExportConfig) -> ExportResult:
                                         bf16="false", threads=config.threads, out=None))
     model = predictor.model
     original = predictor.source.chatglm is not None  # written back in THUDM's layout
+    original_adapter = None
     if original:
         from glmtune.model import chatglm
 
-        original_adapter = chatglm.adapter_original(model)
+        try:
+            original_adapter = chatglm.adapter_original(model)
+        except GlmtuneError as exc:  # the merged model is still worth writing
+            log.warning("adapter not written in the original layout: %s", exc)
     # The probe covers the chat template's special tokens as well as text.
     ids = torch.tensor([predictor.prompt_ids(DEMO_PROMPT)], device=predictor.device)
     with torch.no_grad():
@@ -94,8 +98,9 @@ def export(config: ExportConfig) -> ExportResult:
     with artifacts.staging_dir(out) as staged:
         if original:
             chatglm.save_original(merged, predictor.source.path, staged, dtype)
-            chatglm.write_adapter(staged / ORIGINAL_ADAPTER, *original_adapter)
-            info["adapter_original_layout"] = ORIGINAL_ADAPTER
+            if original_adapter is not None:
+                chatglm.write_adapter(staged / ORIGINAL_ADAPTER, *original_adapter)
+                info["adapter_original_layout"] = ORIGINAL_ADAPTER
         else:
             merged.save_pretrained(staged)
             predictor.tokenizer.save_pretrained(staged)

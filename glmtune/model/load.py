@@ -176,7 +176,7 @@ def load_model(source: ModelSource, *, trust_remote_code: bool, dtype=None,
     hf_logging.disable_progress_bar()  # our own bar and log lines say what happens
     check_remote_code(source, trust_remote_code)
     auto_map = source.config.get("auto_map", {})
-    # ChatGLM-6B (v1) registers only AutoModel; its class is still a causal LM.
+    # Some remote-code repos register only AutoModel; their class is still a causal LM.
     loader = AutoModel if auto_map and "AutoModelForCausalLM" not in auto_map else AutoModelForCausalLM
     kwargs: dict[str, Any] = {"dtype": dtype or torch.float32}
     if quantization_config is not None:

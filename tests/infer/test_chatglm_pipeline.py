@@ -9,6 +9,7 @@ under transformers 4.33.3 also answers so was checked in a scratch environment
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 
@@ -89,3 +90,24 @@ def test_whole_pipeline_without_remote_code(version, run_cli, triplet_dir, tmp_p
                              "--max-new-tokens", 8, *common)
     assert code == 0, err
     assert out.strip().splitlines()[-1] == answer
+
+
+needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                                     reason="deepspeed not installed")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp", pytest.param("zero3", marks=needs_deepspeed)])
+def test_sharded_strategies_load_the_converted_weights(strategy, run_cli, triplet_dir, tmp_path):
+    """ZeRO-3 loads through transformers' own partitioning path: same weights, same loss."""
+    base = build_chatglm(tmp_path / "chatglm3-6b", 3)
+    losses = []
+    for run, extra in (("plain", ()), (strategy, ("--strategy", strategy))):
+        code, out, err = run_cli("train", "--model", base, "--data",
+                                 triplet_dir / "train_triplet.jsonl", "--output-dir",
+                                 tmp_path / run, "--max-steps", 1, "--batch-size", 2,
+                                 "--max-seq-len", 128, "--bf16", "false", "--threads", 1, *extra)
+        assert code == 0, err
+        losses.append(next(line for line in out.splitlines()
+                           if line.startswith("validation loss:")).split()[2])
+    assert losses[0] == losses[1]

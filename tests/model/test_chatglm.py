@@ -176,7 +176,7 @@ def test_missing_shard_is_named(checkpoints, tmp_path):
 
 def test_back_to_thudm_names_is_exact(loaded, checkpoints):
     model = loaded[2][2]
-    original = convert.to_original(model.state_dict(), model.config)
+    original = convert.to_original(model.state_dict())
     stored = dict(weights.iter_tensors(checkpoints[2]))
     assert set(stored) - set(original) == {"transformer.rotary_pos_emb.inv_freq"}
     for name, tensor in original.items():
@@ -203,6 +203,9 @@ def test_adapter_on_query_key_value_is_the_same_update():
                           for p in convert.SPLIT])
     assert torch.equal(fused, separate)
     assert "base_model.model.transformer.encoder.layers.0.self_attention.dense.lora_A.weight" in out
+    del state["base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight"]
+    with pytest.raises(GlmtuneError, match="all of q_proj, k_proj and v_proj"):
+        convert.adapter_to_original(state, r)
 
 
 # --- 4-bit --------------------------------------------------------------------------

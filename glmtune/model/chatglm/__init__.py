@@ -71,7 +71,7 @@ def save_original(model, base_dir: str | Path, out: str | Path, dtype) -> list[s
             copied.append(file.name)
     state = model.state_dict()
     if not _is_v1(model):  # v1's parameters already carry THUDM's tensor names
-        state = convert.to_original(state, model.config)
+        state = convert.to_original(state)
     tensors, seen = {}, set()
     for name, tensor in state.items():
         tensor = tensor.detach().to(dtype)

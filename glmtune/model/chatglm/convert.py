@@ -152,6 +152,8 @@ def model_class():
 def load_glm(model_dir: str | Path, *, dtype=None, quantization_config=None, device_map=None):
     """A ChatGLM2/3 directory loaded as a GlmForCausalLM (converted tensor by tensor)."""
     import torch
+    from transformers import GlmForCausalLM
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     from glmtune.model.chatglm import weights
     from glmtune.model.load import _read_config, streaming_safetensors
@@ -163,7 +165,8 @@ def load_glm(model_dir: str | Path, *, dtype=None, quantization_config=None, dev
         kwargs["quantization_config"] = quantization_config
     if device_map is not None:
         kwargs["device_map"] = device_map
-    lazy = weights.lazy_bin_state_dict(model_dir)
+    # ZeRO-3 at load time takes a path of its own that wants real tensors (and partitions them)
+    lazy = None if is_deepspeed_zero3_enabled() else weights.lazy_bin_state_dict(model_dir)
     if lazy is not None:  # .bin shards: read one at a time (see lazy_bin_state_dict)
         model = model_class().from_pretrained(None, state_dict=lazy, **kwargs)
     else:
@@ -171,8 +174,6 @@ def load_glm(model_dir: str | Path, *, dtype=None, quantization_config=None, dev
             model = model_class().from_pretrained(str(model_dir), **kwargs)
     # Loaded, it is a plain GlmForCausalLM: what recognises transformers' own classes (the
     # fast path's fused attention and head) must see it as one.
-    from transformers import GlmForCausalLM
-
     model.__class__ = GlmForCausalLM
     model.generation_config.eos_token_id = config.eos_token_id
     # what adapters record as their base (a state_dict load leaves it empty)
@@ -190,7 +191,7 @@ def _glm_to_original_name(name: str) -> str:
     return name
 
 
-def to_original(state: Mapping[str, Any], config) -> dict[str, Any]:
+def to_original(state: Mapping[str, Any]) -> dict[str, Any]:
     """A GlmForCausalLM state dict (names, tensors) in THUDM's names, q/k/v fused again."""
     import torch
 
@@ -215,8 +216,8 @@ def adapter_to_original(adapter: Mapping[str, Any], rank: int) -> tuple[dict[str
 
     W_qkv + B A with A = [A_q; A_k; A_v] (3r x in) and B = blockdiag(B_q, B_k, B_v)
     ((q+k+v) x 3r): row block i of B A is B_i A_i, exactly each projection's update.
-    A projection without an adapter gets zeros. Other modules are renamed. Returns the
-    state dict (PEFT key names, THUDM module names) and the new rank 3r.
+    Other modules are renamed. Returns the state dict (PEFT key names, THUDM module
+    names) and the new rank 3r. An adapter on only some of q/k/v is refused.
     """
     import torch
 
@@ -234,22 +235,11 @@ def adapter_to_original(adapter: Mapping[str, Any], rank: int) -> tuple[dict[str
     for group, kinds in groups.items():
         prefix, suffix = group.split("|")
         a_parts, b_parts = kinds.get("lora_A", {}), kinds.get("lora_B", {})
-        ref_a = next(iter(a_parts.values()))
-        in_features = ref_a.shape[1]
-        rows = []
-        for part in SPLIT:
-            b = b_parts.get(part)
-            rows.append(b.shape[0] if b is not None else None)
-        if None in rows:
+        if set(a_parts) != set(SPLIT) or set(b_parts) != set(SPLIT):
             raise GlmtuneError(f"{prefix}: the adapter must train all of q_proj, k_proj and "
                                "v_proj to be written on query_key_value")
         a = torch.cat([a_parts[p] for p in SPLIT], dim=0)
-        b = torch.zeros(sum(rows), 3 * rank, dtype=ref_a.dtype)
-        row = 0
-        for i, part in enumerate(SPLIT):
-            b[row:row + rows[i], i * rank:(i + 1) * rank] = b_parts[part]
-            row += rows[i]
-        assert a.shape == (3 * rank, in_features)
+        b = torch.block_diag(*(b_parts[p] for p in SPLIT))
         base = _glm_to_original_name(f"{prefix}.{QKV}")
         out[f"{base}.lora_A.{suffix}"] = a
         out[f"{base}.lora_B.{suffix}"] = b
