@@ -393,8 +393,10 @@ def load_v1(model_dir: str | Path, **load_kwargs: Any) -> ChatGLM1ForCausalLM:
     """Load a THUDM/chatglm-6b directory natively.
 
     ``load_kwargs`` go to ``from_pretrained`` (dtype, quantization_config, device_map...);
-    the shards are read one at a time, ``.bin`` with ``torch.load(weights_only=True, mmap=True)``,
-    safetensors when present.
+    the shards are read one at a time (never two copies of the weights), ``.bin`` only
+    through ``torch.load(weights_only=True, mmap=True)``, safetensors when present.
     """
+    from glmtune.model.chatglm import weights
+
     config = config_from_dir(model_dir)
-    return ChatGLM1ForCausalLM.from_pretrained(str(model_dir), config=config, **load_kwargs)
+    return weights.from_pretrained(ChatGLM1ForCausalLM, model_dir, config=config, **load_kwargs)

@@ -153,3 +153,21 @@ def lazy_bin_state_dict(model_dir: str | Path) -> dict[str, LazyTensor] | None:
         shard = _Shard(model_dir / file, names)
         state.update({name: LazyTensor(shard, name) for name in names})
     return state
+
+
+def from_pretrained(model_class, model_dir: str | Path, **kwargs):
+    """``model_class.from_pretrained`` on a checkpoint directory, the weights read one shard
+    at a time: .bin shards lazily (see lazy_bin_state_dict), safetensors through pread."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from glmtune.model.load import streaming_safetensors
+
+    # ZeRO-3 at load time takes a path of its own that wants real tensors (and partitions them)
+    lazy = None if is_deepspeed_zero3_enabled() else lazy_bin_state_dict(model_dir)
+    if lazy is None:
+        with streaming_safetensors():
+            return model_class.from_pretrained(str(model_dir), **kwargs)
+    model = model_class.from_pretrained(None, state_dict=lazy, **kwargs)
+    # what adapters record as their base (a state_dict load leaves it empty)
+    model.config._name_or_path = model.name_or_path = str(model_dir)
+    return model
