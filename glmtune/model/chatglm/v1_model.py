@@ -248,6 +248,10 @@ class ChatGLM1Model(ChatGLM1PreTrainedModel):
         if input_ids is None and position_ids is None:
             raise ValueError("ChatGLM-6B's 2-D positions come from the [gMASK] and <sop> tokens: "
                              "with inputs_embeds, pass position_ids of shape [batch, 2, seq]")
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("ChatGLM-6B takes the usual 0/1 attention mask of shape [batch, seq] "
+                             "and builds its prefix-bidirectional mask itself, not "
+                             f"{tuple(attention_mask.shape)}")
         cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
