@@ -269,3 +269,29 @@ def test_fused_head_and_loss_equal_the_models_loss(v1_dir):
         hidden = model(input_ids=ids).logits
     total = fused.linear_cross_entropy(hidden[:, :-1], head.weight, labels[:, 1:])
     assert (total / (labels != -100).sum()).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_bin_shards_are_mapped_one_at_a_time(v1_dir, monkeypatch):
+    """transformers asks for tensors in sorted-name order, and ChatGLM-6B's first shard
+    holds word_embeddings (sorted last): were a shard kept until all its tensors were
+    taken, every page read so far would stay resident."""
+    from glmtune.model.chatglm import weights
+
+    alive: set[int] = set()
+    most = []
+
+    class Mapped(dict):
+        def __del__(self):
+            alive.discard(id(self))
+
+    real = weights.read_shard
+
+    def counting(file):
+        mapped = Mapped(real(file))
+        alive.add(id(mapped))
+        most.append(len(alive))
+        return mapped
+
+    monkeypatch.setattr(weights, "read_shard", counting)
+    load_v1(v1_dir)
+    assert len(most) >= 2 and max(most) == 1
