@@ -56,7 +56,26 @@ def resolve(model: str, *, build_tiny: bool = True) -> ModelSource:
     if looks_local:
         raise GlmtuneError(f"{model}: model directory not found (expected a local Hugging Face "
                            "model folder, 'tiny-glm', or a hub id like THUDM/chatglm3-6b)")
-    return ModelSource(model, model, {}, False)
+    cached = _cached_chatglm(model)
+    return cached or ModelSource(model, model, {}, False)
+
+
+def _cached_chatglm(repo_id: str) -> ModelSource | None:
+    """A THUDM ChatGLM repo already in the local hub cache, as the directory it is there.
+
+    Only its files tell glmtune how to load it natively; looking costs no network.
+    """
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached, no huggingface_hub, a malformed id: the hub path decides
+        return None
+    if not (path / "config.json").is_file():
+        return None
+    config = _read_config(path)
+    version = chatglm.chatglm_version(path, config)
+    return ModelSource(repo_id, str(path), config, True, version) if version else None
 
 
 def _read_config(path: Path) -> dict[str, Any]:

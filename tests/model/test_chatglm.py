@@ -77,6 +77,22 @@ def test_v2_and_v3_told_apart_by_their_tokenizer_code_or_name(checkpoints, tmp_p
     assert chatglm_version(tmp_path, {"model_type": "glm"}) is None
 
 
+def test_hub_id_of_a_cached_repo_loads_natively(checkpoints, tmp_path, monkeypatch):
+    """A repo fetched once with huggingface-cli sits in the hub cache: found without network."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "models--THUDM--chatglm3-6b" / "snapshots" / "0123abc"
+    shutil.copytree(checkpoints[3], snapshot)
+    (tmp_path / "models--THUDM--chatglm3-6b" / "refs").mkdir()
+    (tmp_path / "models--THUDM--chatglm3-6b" / "refs" / "main").write_text("0123abc")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    source = load.resolve("THUDM/chatglm3-6b")
+    assert (source.chatglm, source.local, Path(source.path)) == (3, True, snapshot)
+    assert not load.resolve("THUDM/chatglm2-6b").local  # not cached: left to the hub
+
+
 def test_prequantized_checkpoint_points_to_the_full_one(checkpoints, tmp_path):
     import shutil
 
@@ -162,6 +178,12 @@ def test_bin_shards_are_read_without_unpickling_objects(tmp_path):
     torch.save({"w": torch.zeros(2), "x": Payload()}, evil)
     with pytest.raises(GlmtuneError, match="pytorch_model.bin: unreadable weight shard"):
         weights.read_shard(evil)
+
+
+def test_legacy_bin_format_is_read(tmp_path):
+    old = tmp_path / "pytorch_model.bin"
+    torch.save({"w": torch.arange(3.0)}, old, _use_new_zipfile_serialization=False)
+    assert torch.equal(weights.read_shard(old)["w"], torch.arange(3.0))
 
 
 def test_missing_shard_is_named(checkpoints, tmp_path):

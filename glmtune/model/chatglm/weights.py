@@ -61,7 +61,13 @@ def read_shard(file: Path) -> dict[str, Any]:
             from safetensors.torch import load_file
 
             return load_file(str(file))
-        return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            # a pre-zip (torch < 1.6) pickle cannot be memory-mapped: read it whole
+            return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt zip, refused pickle global, truncated file, ...
         raise GlmtuneError(f"{file}: unreadable weight shard ({str(exc).splitlines()[0]}); "
                            "re-download it") from exc
