@@ -98,9 +98,11 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["fsdp", pytest.param("zero3", marks=needs_deepspeed)])
-def test_sharded_strategies_load_the_converted_weights(strategy, run_cli, triplet_dir, tmp_path):
+@pytest.mark.parametrize("version", [1, 3])
+def test_sharded_strategies_load_the_converted_weights(version, strategy, run_cli, triplet_dir,
+                                                       tmp_path):
     """ZeRO-3 loads through transformers' own partitioning path: same weights, same loss."""
-    base = build_chatglm(tmp_path / "chatglm3-6b", 3)
+    base = build_chatglm(tmp_path / f"chatglm{version}-6b", version)
     losses = []
     for run, extra in (("plain", ()), (strategy, ("--strategy", strategy))):
         code, out, err = run_cli("train", "--model", base, "--data",
