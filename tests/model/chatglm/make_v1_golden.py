@@ -12,6 +12,16 @@ greensheng/chatglm-6b):
 It builds the tiny ChatGLM-6B checkpoint of tests/fixtures/chatglm_layout.py (the same
 bytes the tests build), puts THUDM's .py files beside it, and records what THUDM's
 tokenizer and model (fp32 via .float(), and fp16 via .half()) compute on it.
+
+Second use, checking an export: with THUDM's .py files in BASE (the checkpoint above),
+
+    glmtune export --adapter LORA --model BASE --out MERGED
+    /tmp/ref/bin/pip install peft==0.6.2
+    /tmp/ref/bin/python tests/model/chatglm/make_v1_golden.py export MERGED BASE QUERY...
+
+prints THUDM's greedy chat() answer to each QUERY (24 new tokens) from the merged model,
+and from BASE + MERGED/adapter_original_layout under PEFT: each must equal
+`glmtune predict --adapter LORA --prompt QUERY --max-new-tokens 24 --bf16 false`.
 """
 
 import json
@@ -107,5 +117,24 @@ def main(thudm: Path, out: Path) -> None:
     out.write_text(json.dumps(res, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
 
 
+def check_export(merged: Path, base: Path, queries: list[str]) -> None:
+    from peft import PeftModel
+
+    torch.set_num_threads(1)
+    tok = AutoTokenizer.from_pretrained(str(merged), trust_remote_code=True)
+    models = {"merged": AutoModel.from_pretrained(str(merged), trust_remote_code=True),
+              "base + adapter_original_layout": PeftModel.from_pretrained(
+                  AutoModel.from_pretrained(str(base), trust_remote_code=True).float(),
+                  str(merged / "adapter_original_layout"))}
+    for name, model in models.items():
+        model = model.float().eval()
+        answers = [model.chat(tok, q, history=[], do_sample=False, max_new_tokens=24)[0]
+                   for q in queries]
+        print(json.dumps({name: answers}, ensure_ascii=False))
+
+
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    if sys.argv[1] == "export":
+        check_export(Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:])
+    else:
+        main(Path(sys.argv[1]), Path(sys.argv[2]))
