@@ -4,7 +4,8 @@ No --trust-remote-code anywhere: the checkpoints carry stand-ins for THUDM's .py
 that raise if imported. The export is written back in THUDM's layout; loaded again
 (by glmtune, natively) it answers exactly as base + adapter. That THUDM's own code
 under transformers 4.33.3 also answers so was checked in a scratch environment
-(tests/fixtures/chatglm_reference.py, "export" mode; ChatGLM-6B: see the report of issue 12).
+(tests/fixtures/chatglm_reference.py, "export" mode; ChatGLM-6B:
+tests/model/chatglm/make_v1_golden.py, "export" mode).
 """
 
 from __future__ import annotations
