@@ -438,3 +438,43 @@ def stop_token_ids(template: str, tokenizer) -> list[int]:
             if label != IGNORE_INDEX and tid in special_ids and tid not in ids:
                 ids.append(tid)
     return ids
+
+
+# --- answers -------------------------------------------------------------
+
+# THUDM's models were trained to write this placeholder; their chat() fills it in.
+_TRAINING_TIME = ("[[训练时间]]", "2023年")
+# ChatGLM-6B's tokenizer normalizes full-width punctuation to ASCII (NFKC), so the model
+# writes ASCII; its chat() turns it back into full width next to a Chinese character.
+_V1_PUNCTUATION = {",": "，", "!": "！", ":": "：", ";": "；", "?": "？"}
+_CJK = "[\u4e00-\u9fff]"
+
+
+def finish_answer(template: str, text: str) -> str:
+    """A decoded answer as the family's own ``chat()`` returns it (all: stripped)."""
+    import re
+
+    text = text.strip()
+    if template in ("chatglm1", "chatglm2", "chatglm3"):
+        text = text.replace(*_TRAINING_TIME)
+    if template == "chatglm1":
+        for half, full in _V1_PUNCTUATION.items():
+            text = re.sub(f"({_CJK}){re.escape(half)}", rf"\g<1>{full}", text)
+            text = re.sub(f"{re.escape(half)}({_CJK})", rf"{full}\g<1>", text)
+    return text
+
+
+def settled_answer(template: str, text: str) -> str:
+    """The part of ``finish_answer(template, text + more)`` that no ``more`` can change,
+    for streaming: the end of ``text`` is held back while it is whitespace (the final
+    strip), punctuation (its full-width form depends on the next character) or the
+    start of the training-time placeholder."""
+    placeholder = _TRAINING_TIME[0]
+    cut, previous = len(text), None
+    while cut != previous:
+        previous = cut
+        while cut and (text[cut - 1].isspace() or text[cut - 1] in _V1_PUNCTUATION):
+            cut -= 1
+        cut -= next((n for n in range(len(placeholder) - 1, 0, -1)
+                     if text[:cut].endswith(placeholder[:n])), 0)
+    return finish_answer(template, text[:cut])

@@ -1,7 +1,7 @@
 """``glmtune export``: merge an adapter into its base and save a standalone model.
 
 The result is an ordinary Hugging Face model directory (safetensors weights,
-config, tokenizer) that loads without peft or glmtune. A THUDM ChatGLM2/3 base is
+config, tokenizer) that loads without peft or glmtune. A THUDM ChatGLM(-6B, 2, 3) base is
 written back in its own layout (tensor names, config.json, tokenizer and *.py files
 of the base), so whatever served the base serves the export, with the adapter
 beside it in the same layout (``adapter_original_layout/``). Before anything is
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 TOLERANCE = 1e-4
 INFO_FILE = "glmtune_export.json"
-# ChatGLM2/3 bases: the adapter itself, for base + PEFT serving with THUDM's code.
+# ChatGLM bases: the adapter itself, for base + PEFT serving with THUDM's code.
 ORIGINAL_ADAPTER = "adapter_original_layout"
 
 
@@ -88,7 +88,7 @@ def _merge_and_save(config: ExportConfig, out: Path, predictor) -> ExportResult:
     import torch
 
     model = predictor.model
-    original = predictor.source.chatglm in (2, 3)  # written back in THUDM's layout
+    original = predictor.source.chatglm is not None  # written back in THUDM's layout
     original_adapter = None
     if original:
         from glmtune.model import chatglm

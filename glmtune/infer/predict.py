@@ -11,7 +11,13 @@ from typing import Callable, Iterator, Sequence
 from glmtune import hardware
 from glmtune.config import PredictConfig, TrainConfig, load_yaml
 from glmtune.data.sample import Message
-from glmtune.data.templates import encode_prompt, stop_token_ids, strip_thinking
+from glmtune.data.templates import (
+    encode_prompt,
+    finish_answer,
+    settled_answer,
+    stop_token_ids,
+    strip_thinking,
+)
 from glmtune.errors import GlmtuneError, reading
 from glmtune.model import load
 from glmtune.model.family import detect_family, template_override
@@ -135,7 +141,8 @@ class Predictor:
     def run(self, prompts: Sequence[Sequence[int]], samplings: Sequence[Sampling],
             on_text: Callable[[int, str], None] | None = None,
             cancelled: Callable[[int], bool] | None = None,
-            stop_ids: Sequence[int] | None = None) -> list[Answer]:
+            stop_ids: Sequence[int] | None = None,
+            template: str | None = None) -> list[Answer]:
         """Answers to encoded prompts generated together, left-padded: the one generation loop
         behind predict, batch predict, eval, chat and serve.
 
@@ -143,7 +150,8 @@ class Predictor:
         (temperature > 0) must share one Sampling. ``on_text(row, piece)`` receives each
         row's answer in pieces as it is produced: the pieces joined are the row's answer.
         ``cancelled(row)`` true ends that row at the next token (its client left).
-        ``stop_ids`` replaces the family's stop tokens (serve: another adapter's template).
+        ``stop_ids`` and ``template`` replace the family's stop tokens and answer finishing
+        (serve: another adapter's prompt format).
 
         In float32 each greedy answer equals what the prompt alone gives: the padding is
         masked and positions count from each prompt's first real token. Under bf16 autocast
@@ -159,10 +167,10 @@ class Predictor:
             raise ValueError("rows that sample must share one Sampling")
         stop_ids = list(stop_ids if stop_ids is not None else self.stop_ids)
         limits = [s.max_new_tokens or self.config.max_new_tokens for s in samplings]
-        # a reasoning model's <think> block is cut from the answers and from their pieces
-        visible = None if self.config.show_thinking else _HiddenThinking(len(prompts), on_text)
+        visible = _Visible(len(prompts), template or self.family.template,
+                           self.config.show_thinking, on_text)
         rows = _Rows(self.tokenizer, stop_ids, limits, [s.stop for s in samplings],
-                     visible.feed if visible and on_text else on_text, cancelled)
+                     visible.feed if on_text else None, cancelled)
         width = max(len(p) for p in prompts)
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts],
@@ -179,7 +187,7 @@ class Predictor:
                 eos_token_id=stop_ids, pad_token_id=pad,
                 stopping_criteria=StoppingCriteriaList([rows]), **options)
         answers = [rows.finish(row, len(p)) for row, p in enumerate(prompts)]
-        return [visible.finish(row, a) for row, a in enumerate(answers)] if visible else answers
+        return [visible.finish(row, answer) for row, answer in enumerate(answers)]
 
     def stream(self, prompt: str, history: Sequence[tuple[str, str]] = (),
                max_new_tokens: int | None = None, sampling: Sampling | None = None,
@@ -263,36 +271,45 @@ def _seeded(seed: int | None):
     yield
 
 
-class _HiddenThinking:
-    """Answers without a leading ``<think>...</think>`` block (``strip_thinking``), also as
-    they arrive in pieces: a row's text is held back only while it may still be (the start
-    of) such a block, so the pieces joined equal the final answer."""
+class _Visible:
+    """What the user sees of each row's answer: without a reasoning model's leading
+    ``<think>...</think>`` block (unless --show-thinking), and finished as the family's own
+    ``chat()`` finishes it (``finish_answer``). Streamed text is passed on once that view of
+    it can no longer change, so the pieces joined equal the final answer."""
 
-    def __init__(self, rows: int, on_text: Callable[[int, str], None] | None):
-        self.on_text = on_text
-        self.held = [""] * rows
-        self.decided = [False] * rows  # whether the row opened with a <think> block is known
-        self.started = [False] * rows  # some of the answer itself has been passed on
+    def __init__(self, rows: int, template: str, show_thinking: bool,
+                 on_text: Callable[[int, str], None] | None):
+        self.template, self.show_thinking, self.on_text = template, show_thinking, on_text
+        self.text = [""] * rows
+        self.given = [""] * rows
+
+    def _answer_part(self, text: str) -> str | None:
+        """``text`` after its reasoning block; None while it may still be inside one."""
+        if self.show_thinking:
+            return text
+        start = text.lstrip()
+        if "<think>".startswith(start) or (start.startswith("<think>") and "</think>" not in start):
+            return None
+        return start.split("</think>", 1)[1] if start.startswith("<think>") else start
 
     def feed(self, row: int, piece: str) -> None:
-        if self.started[row]:
-            self.on_text(row, piece)
-            return
-        text = self.held[row] = (self.held[row] + piece).lstrip()  # as strip_thinking does
-        if not self.decided[row]:
-            if "<think>".startswith(text) or (text.startswith("<think>") and "</think>" not in text):
-                return  # undecided, or inside the block
-            self.decided[row] = True
-            if text.startswith("<think>"):
-                text = self.held[row] = text.split("</think>", 1)[1].lstrip()
-        if text:
-            self.on_text(row, text)
-            self.started[row] = True
+        self.text[row] += piece
+        part = self._answer_part(self.text[row])
+        if part is not None:
+            self._give(row, settled_answer(self.template, part))
+
+    def _give(self, row: int, view: str) -> None:
+        given = self.given[row]
+        if len(view) > len(given) and view.startswith(given):
+            self.on_text(row, view[len(given):])
+            self.given[row] = view
 
     def finish(self, row: int, answer: Answer) -> Answer:
-        if self.on_text is not None and not self.decided[row] and self.held[row]:
-            self.on_text(row, self.held[row])  # never closed: the reasoning is all there is
-        return replace(answer, text=strip_thinking(answer.text))
+        text = answer.text if self.show_thinking else strip_thinking(answer.text)
+        final = finish_answer(self.template, text)
+        if self.on_text is not None:
+            self._give(row, final)  # a reasoning block that never closed is all there is
+        return replace(answer, text=final)
 
 
 class _Rows:

@@ -289,7 +289,10 @@ def install(model) -> tuple[torch.nn.Linear | None, list[str]]:
             norms += 1
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     native = type(base).__module__.startswith("transformers.")
-    head = _head_linear(model) if native and base.config.model_type in PLAIN_HEAD_MODEL_TYPES else None
+    # glmtune's own architectures say so themselves (ChatGLM-6B: plain_lm_head)
+    plain_head = ((native and base.config.model_type in PLAIN_HEAD_MODEL_TYPES)
+                  or getattr(base, "plain_lm_head", False))
+    head = _head_linear(model) if plain_head else None
     fused = [f"{lora_layers} LoRA layers"] if lora_layers else []
     if norms:
         fused.append(f"{norms} RMSNorms")

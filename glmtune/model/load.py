@@ -9,7 +9,6 @@ ourselves).
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ from typing import Any
 from glmtune.errors import GlmtuneError, describe_load_failure
 from glmtune.model import tiny_glm
 from glmtune.model.chatglm import detect as chatglm
+from glmtune.model.files import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -80,14 +80,7 @@ def _cached_chatglm(repo_id: str) -> ModelSource | None:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    file = Path(path) / "config.json"
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise GlmtuneError(f"{file}: unreadable model config ({exc})") from exc
-    if not isinstance(data, dict):
-        raise GlmtuneError(f"{file}: expected a JSON object")
-    return data
+    return read_json_object(Path(path) / "config.json", "model config")
 
 
 def check_remote_code(source: ModelSource, trust_remote_code: bool,

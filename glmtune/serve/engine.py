@@ -207,7 +207,7 @@ class Engine:
                     [job.ids for job in batch], [job.sampling for job in batch],
                     on_text=lambda row, piece: batch[row].on_text(piece),
                     cancelled=lambda row: batch[row].cancelled.is_set(),
-                    stop_ids=model.stop_ids)
+                    stop_ids=model.stop_ids, template=model.template)
 
 
 def _base_name(source: str, taken: dict) -> str:

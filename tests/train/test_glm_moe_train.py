@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from glmtune.config import PredictConfig, TrainConfig
 from glmtune.infer.chat import run_chat
-from glmtune.infer.predict import Answer, Predictor, _HiddenThinking
+from glmtune.infer.predict import Answer, Predictor, _Visible
 from glmtune.train.recipe import FineTuner
 
 pytestmark = pytest.mark.slow
@@ -82,7 +82,7 @@ def test_export_reloads_in_plain_transformers_with_equal_logits(trained, run_cli
 def _visible(pieces: list[str]) -> tuple[list[str], str]:
     """What a client is sent of an answer arriving in ``pieces``, and the final answer."""
     sent: list[str] = []
-    hidden = _HiddenThinking(1, lambda _, piece: sent.append(piece))
+    hidden = _Visible(1, "glm45", False, lambda _, piece: sent.append(piece))
     for piece in pieces:
         hidden.feed(0, piece)
     final = hidden.finish(0, Answer("".join(pieces), 1, len(pieces), "stop"))

@@ -53,8 +53,8 @@ def is_weight_file(name: str) -> bool:
 
 
 def save_original(model, base_dir: str | Path, out: str | Path, dtype) -> list[str]:
-    """Write ``model`` (a ChatGLM2/3 base loaded as GlmForCausalLM, adapter merged) in
-    THUDM's layout: every non-weight file of ``base_dir`` copied unchanged (config.json,
+    """Write ``model`` (a ChatGLM base, adapter merged: v1's own class, v2/3 as
+    GlmForCausalLM) in THUDM's layout: every non-weight file of ``base_dir`` copied unchanged (config.json,
     tokenizer files, THUDM's *.py), the weights under THUDM's tensor names as
     safetensors shards. Tensors the model does not hold (the stored rotary
     ``inv_freq``) are copied from the base. Returns the files copied."""
@@ -69,8 +69,16 @@ def save_original(model, base_dir: str | Path, out: str | Path, dtype) -> list[s
         if file.is_file() and not is_weight_file(file.name):
             shutil.copy2(file, out / file.name)
             copied.append(file.name)
-    tensors = {name: t.detach().to(dtype) for name, t in
-               convert.to_original(model.state_dict()).items()}
+    state = model.state_dict()
+    if not _is_v1(model):  # v1's parameters already carry THUDM's tensor names
+        state = convert.to_original(state)
+    tensors, seen = {}, set()
+    for name, tensor in state.items():
+        tensor = tensor.detach().to(dtype)
+        if tensor.data_ptr() in seen:  # v1's tied head: safetensors keeps no shared storage
+            tensor = tensor.clone()
+        seen.add(tensor.data_ptr())
+        tensors[name] = tensor
     for name, tensor in weights.iter_tensors(base_dir):
         if name not in tensors:
             tensors[name] = tensor.clone()
@@ -92,26 +100,51 @@ def adapter_original(peft_model) -> tuple[dict, dict]:
     from glmtune.model.chatglm import convert
 
     config = peft_model.peft_config["default"]
-    tensors, rank3 = convert.adapter_to_original(get_peft_model_state_dict(peft_model), config.r)
+    state = get_peft_model_state_dict(peft_model)
+    if _is_v1(peft_model):
+        # v1 keeps THUDM's modules (query_key_value is one Linear): the adapter already is
+        # in the original layout; only its config is rewritten for the older PEFTs.
+        tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        saved = list(config.modules_to_save or [])
+        embeddings = "base_model.model.transformer.word_embeddings.weight"
+        head = "base_model.model.lm_head.weight"
+        if embeddings in tensors:
+            # A trained copy of the tied embeddings may be saved once; the older PEFTs
+            # would leave THUDM's head on the untrained matrix: the head gets its copy.
+            tensors.setdefault(head, tensors[embeddings].clone())
+            saved += [] if "lm_head" in saved else ["lm_head"]
+        return tensors, _adapter_config(config, list(config.target_modules), saved)
+    tensors, rank3 = convert.adapter_to_original(state, config.r)
     factor = 3 ** 0.5 if config.use_rslora else 3  # keeps alpha / r (or alpha / sqrt r) per module
     names = {"q_proj": "query_key_value", "k_proj": "query_key_value",
              "v_proj": "query_key_value", "o_proj": "dense", "gate_up_proj": "dense_h_to_4h",
              "down_proj": "dense_4h_to_h", "embed_tokens": "word_embeddings",
              "lm_head": "output_layer"}
+    data = _adapter_config(config, [names.get(m, m) for m in config.target_modules],
+                           [names.get(m, m) for m in config.modules_to_save or []])
+    data["rank_pattern"] = {"query_key_value": rank3}
+    data["alpha_pattern"] = {"query_key_value": config.lora_alpha * factor}
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, data
+
+
+def _adapter_config(config, target_modules, modules_to_save) -> dict:
     # Only keys every PEFT since 0.6 knows (rank_pattern / alpha_pattern came in 0.6):
     # this file is for the older stacks that run THUDM's code.
     data = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "inference_mode": True,
             "base_model_name_or_path": str(config.base_model_name_or_path or ""),
             "r": config.r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
             "bias": config.bias, "fan_in_fan_out": False,
-            "target_modules": sorted({names.get(m, m) for m in config.target_modules}),
-            "modules_to_save": sorted({names.get(m, m) for m in config.modules_to_save or []})
-            or None,
-            "rank_pattern": {"query_key_value": rank3},
-            "alpha_pattern": {"query_key_value": config.lora_alpha * factor}}
+            "target_modules": sorted(set(target_modules)),
+            "modules_to_save": sorted(set(modules_to_save or [])) or None}
     if config.use_rslora:
         data["use_rslora"] = True
-    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, data
+    return data
+
+
+def _is_v1(model) -> bool:
+    from glmtune.model.chatglm.v1_model import ChatGLM1Config
+
+    return isinstance(model.config, ChatGLM1Config)
 
 
 def write_adapter(out: str | Path, tensors: dict, config: dict) -> None:

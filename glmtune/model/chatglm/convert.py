@@ -153,10 +153,9 @@ def load_glm(model_dir: str | Path, *, dtype=None, quantization_config=None, dev
     """A ChatGLM2/3 directory loaded as a GlmForCausalLM (converted tensor by tensor)."""
     import torch
     from transformers import GlmForCausalLM
-    from transformers.integrations import is_deepspeed_zero3_enabled
 
     from glmtune.model.chatglm import weights
-    from glmtune.model.load import _read_config, streaming_safetensors
+    from glmtune.model.load import _read_config
 
     model_dir = Path(model_dir)
     config = glm_config(_read_config(model_dir), model_dir / "config.json")
@@ -165,19 +164,11 @@ def load_glm(model_dir: str | Path, *, dtype=None, quantization_config=None, dev
         kwargs["quantization_config"] = quantization_config
     if device_map is not None:
         kwargs["device_map"] = device_map
-    # ZeRO-3 at load time takes a path of its own that wants real tensors (and partitions them)
-    lazy = None if is_deepspeed_zero3_enabled() else weights.lazy_bin_state_dict(model_dir)
-    if lazy is not None:  # .bin shards: read one at a time (see lazy_bin_state_dict)
-        model = model_class().from_pretrained(None, state_dict=lazy, **kwargs)
-    else:
-        with streaming_safetensors():
-            model = model_class().from_pretrained(str(model_dir), **kwargs)
+    model = weights.from_pretrained(model_class(), model_dir, **kwargs)
     # Loaded, it is a plain GlmForCausalLM: what recognises transformers' own classes (the
     # fast path's fused attention and head) must see it as one.
     model.__class__ = GlmForCausalLM
     model.generation_config.eos_token_id = config.eos_token_id
-    # what adapters record as their base (a state_dict load leaves it empty)
-    model.config._name_or_path = model.name_or_path = str(model_dir)
     return model
 
 

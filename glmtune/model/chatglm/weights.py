@@ -106,32 +106,36 @@ def write_shards(out: Path, tensors: dict[str, Any], *, max_shard_bytes: int = 2
                                   encoding="utf-8")
 
 
-class _Shard:
-    """One .bin shard, unpickled (weights_only, memory-mapped) on first use and dropped
-    -- mapping and all -- once every tensor in it has been taken."""
+class _OneShardMapped:
+    """Reads stored tensors keeping at most one .bin shard mapped: asking for a tensor of
+    another shard unmaps the previous one. transformers asks in sorted-name order, which
+    is not the shards' order (ChatGLM-6B keeps word_embeddings, sorted last, in its first
+    shard), so holding a shard until all its tensors were taken would keep every page
+    read so far resident."""
 
-    def __init__(self, file: Path, names: set[str]):
-        self.file, self.pending = file, set(names)
+    def __init__(self):
+        import threading
+
+        self.file: Path | None = None
         self.tensors: dict[str, Any] | None = None
+        self.lock = threading.Lock()  # transformers materializes from a thread pool
 
-    def take(self, name: str):
-        if self.tensors is None:
-            self.tensors = read_shard(self.file)
-        tensor = self.tensors[name].clone()  # a copy of its own: the mapping can go
-        self.pending.discard(name)
-        if not self.pending:
-            self.tensors = None
-        return tensor
+    def take(self, file: Path, name: str):
+        with self.lock:
+            if file != self.file:
+                self.tensors = None  # the old mapping goes before the new one is made
+                self.tensors, self.file = read_shard(file), file
+            return self.tensors[name].clone()  # a copy of its own: the mapping can go
 
 
 class LazyTensor:
     """A stored tensor that is read when transformers materializes it (``tensor[...]``)."""
 
-    def __init__(self, shard: _Shard, name: str):
-        self.shard, self.name = shard, name
+    def __init__(self, reader: _OneShardMapped, file: Path, name: str):
+        self.reader, self.file, self.name = reader, file, name
 
     def __getitem__(self, item):
-        return self.shard.take(self.name)[item]
+        return self.reader.take(self.file, self.name)[item]
 
 
 def lazy_bin_state_dict(model_dir: str | Path) -> dict[str, LazyTensor] | None:
@@ -139,8 +143,8 @@ def lazy_bin_state_dict(model_dir: str | Path) -> dict[str, LazyTensor] | None:
 
     transformers memory-maps every .bin shard up front and keeps them mapped until the
     whole model is loaded, so each page it read stays in the process's RSS: a 12 GB
-    checkpoint costs 12 GB on top of the (maybe 4-bit) model. Read lazily, a shard is
-    unmapped as soon as its last tensor is converted: the peak is the model plus one shard.
+    checkpoint costs 12 GB on top of the (maybe 4-bit) model. Read lazily with one shard
+    mapped at a time, the peak is the model plus one shard.
     """
     files = shard_files(model_dir)
     if files[0].suffix != ".bin":
@@ -154,8 +158,24 @@ def lazy_bin_state_dict(model_dir: str | Path) -> dict[str, LazyTensor] | None:
             by_file.setdefault(file, set()).add(name)
     else:  # one unindexed file: its names are only known by reading it
         by_file = {files[0].name: set(read_shard(files[0]))}
-    state: dict[str, LazyTensor] = {}
-    for file, names in by_file.items():
-        shard = _Shard(model_dir / file, names)
-        state.update({name: LazyTensor(shard, name) for name in names})
-    return state
+    reader = _OneShardMapped()
+    return {name: LazyTensor(reader, model_dir / file, name)
+            for file, names in by_file.items() for name in names}
+
+
+def from_pretrained(model_class, model_dir: str | Path, **kwargs):
+    """``model_class.from_pretrained`` on a checkpoint directory, the weights read one shard
+    at a time: .bin shards lazily (see lazy_bin_state_dict), safetensors through pread."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    from glmtune.model.load import streaming_safetensors
+
+    # ZeRO-3 at load time takes a path of its own that wants real tensors (and partitions them)
+    lazy = None if is_deepspeed_zero3_enabled() else lazy_bin_state_dict(model_dir)
+    if lazy is None:
+        with streaming_safetensors():
+            return model_class.from_pretrained(str(model_dir), **kwargs)
+    model = model_class.from_pretrained(None, state_dict=lazy, **kwargs)
+    # what adapters record as their base (a state_dict load leaves it empty)
+    model.config._name_or_path = model.name_or_path = str(model_dir)
+    return model
