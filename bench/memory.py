@@ -26,6 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from common import TEXT_ROW, peak_rss_gb, report, run_child  # noqa: E402
+
 CACHE = Path(os.environ.get("GLMTUNE_BENCH_CACHE", HERE / "cache"))
 SHARD_BYTES = 1 << 30
 
@@ -130,7 +131,11 @@ def build_chatglm3_bin(name: str = "chatglm3-6b-bin", sizes: dict | None = None)
 
     from glmtune.model.chatglm import convert
     from tests.fixtures.chatglm_layout import (
-        config_json, tokenizer_config_json, train_sentencepiece, write_stand_ins)
+        config_json,
+        tokenizer_config_json,
+        train_sentencepiece,
+        write_stand_ins,
+    )
 
     path = CACHE / name
     if (path / "pytorch_model.bin.index.json").is_file():

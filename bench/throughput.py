@@ -102,8 +102,13 @@ def child_hf(spec: dict) -> dict:
     """A/B: HF Trainer + PEFT on the given token ids, every row padded to SEQ."""
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import (AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments,
-                              default_data_collator)
+    from transformers import (
+        AutoModelForCausalLM,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        default_data_collator,
+    )
 
     rows = json.loads(Path(spec["rows"]).read_text())
     pad = spec["pad_id"]

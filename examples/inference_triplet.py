@@ -28,9 +28,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from glmtune.config import PredictConfig
-    from glmtune.infer.predict import Predictor
     from glmtune.data.triplets import INSTRUCTION
     from glmtune.evaluate.triplet import parse_triplets
+    from glmtune.infer.predict import Predictor
 
     predictor = Predictor(PredictConfig(adapter=args.adapter, model=args.model,
                                         max_new_tokens=args.max_new_tokens, out=None))

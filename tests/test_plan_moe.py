@@ -13,7 +13,6 @@ from glmtune.errors import GlmtuneError
 from glmtune.hardware import GB, Gpu, Hardware
 from glmtune.model import load
 from glmtune.plan import plan_for_model
-
 from tests.fixtures.glm_configs import GLM_45_AIR, GLM_46, GLM_47_FLASH
 
 MODELS = {"GLM-4.5-Air": GLM_45_AIR, "GLM-4.6": GLM_46, "GLM-4.7-Flash": GLM_47_FLASH}

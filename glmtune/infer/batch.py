@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from glmtune.config import PredictConfig
-from glmtune.data.formats import _JsonShapeError, _Loc, _loads, _read_text, check_unicode
+from glmtune.data.formats import _JsonShapeError, _loads, _Loc, _read_text, check_unicode
 from glmtune.errors import DataError, GlmtuneError
 from glmtune.lock import output_lock
 from glmtune.train.artifacts import write_text_atomic

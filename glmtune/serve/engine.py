@@ -185,7 +185,7 @@ class Engine:
                 answers = [exc] * len(batch)
             with self._wake:
                 self._batch = []
-                for job, answer in zip(batch, answers):
+                for answer in answers:
                     cancelled = isinstance(answer, Answer) and answer.finish_reason == "cancelled"
                     self.cancelled += cancelled
                     self.served += not cancelled

@@ -115,9 +115,9 @@ def wrap(model, info: Dist, device):
     """DDP around the PEFT model; only its trainable (LoRA) parameters are synchronised."""
     if not info.enabled:
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
     # No buffer sync in forward: rotary caches are identical on every rank, and a
@@ -252,8 +252,7 @@ class Engine:
         None where each rank already holds them whole (DDP, ZeRO-2).
         """
         if self.strategy == "fsdp":
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                                 get_model_state_dict)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             return get_model_state_dict(model, options=StateDictOptions(
                 full_state_dict=True, cpu_offload=True, ignore_frozen_params=True))
@@ -278,9 +277,11 @@ class Engine:
     def load_state(self, path, model, optimizer) -> None:
         if self.strategy == "fsdp":
             import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                                 set_model_state_dict,
-                                                                 set_optimizer_state_dict)
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
 
             state = _fsdp_state(model, optimizer)  # the layout dcp.load fills in place
             dcp.load(state, checkpoint_id=str(path))
@@ -294,8 +295,11 @@ class Engine:
 
 
 def _fsdp_state(model, optimizer) -> dict:
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
 
     options = StateDictOptions(ignore_frozen_params=True)
     return {"model": get_model_state_dict(model, options=options),

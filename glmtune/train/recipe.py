@@ -28,13 +28,13 @@ from glmtune.config import TrainConfig, save_yaml
 from glmtune.data import dataset
 from glmtune.data.sampler import Sampler
 from glmtune.errors import GlmtuneError, writing
+from glmtune.hardware import GB
 from glmtune.lock import output_lock
 from glmtune.model import fused, load, lora, tiny_glm
 from glmtune.model.family import Family, detect_family, template_override
 from glmtune.plan import Plan, halve_batch, plan_for_model
 from glmtune.train import artifacts, checkpoint, distributed, faults, monitor
 from glmtune.train.loss import summed_loss
-from glmtune.hardware import GB
 from glmtune.train.monitor import MemoryMonitor
 
 log = logging.getLogger(__name__)

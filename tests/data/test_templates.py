@@ -2,7 +2,14 @@ import pytest
 
 from glmtune.data.sample import Message, Sample
 from glmtune.data.templates import (
-    TEMPLATES, encode, encode_prompt, render, render_string, resolve_special, stop_token_ids)
+    TEMPLATES,
+    encode,
+    encode_prompt,
+    render,
+    render_string,
+    resolve_special,
+    stop_token_ids,
+)
 from glmtune.errors import GlmtuneError
 
 U, A, S = "user", "assistant", "system"

@@ -3,11 +3,8 @@ import json
 import pytest
 
 from glmtune.errors import GlmtuneError
-from glmtune.model.family import (
-    CHATGLM_TARGETS, GLM4_TARGETS, Family, detect_family, template_override)
-
-from tests.fixtures.remote_code_model import (
-    GLM_SPECIALS, ROLE_SPECIALS, build_remote_model, build_tokenizer)
+from glmtune.model.family import CHATGLM_TARGETS, GLM4_TARGETS, Family, detect_family, template_override
+from tests.fixtures.remote_code_model import GLM_SPECIALS, ROLE_SPECIALS, build_remote_model, build_tokenizer
 
 # config.json keys as THUDM's checkpoints ship them (abridged).
 V1 = {"model_type": "chatglm", "position_encoding_2d": True, "inner_hidden_size": 16384,

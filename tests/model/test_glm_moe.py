@@ -10,13 +10,17 @@ import torch
 
 from glmtune.data.sample import Message, Sample
 from glmtune.data.templates import (
-    IGNORE_INDEX, encode, encode_prompt, render_string, split_thinking, stop_token_ids,
-    strip_thinking)
+    IGNORE_INDEX,
+    encode,
+    encode_prompt,
+    render_string,
+    split_thinking,
+    stop_token_ids,
+    strip_thinking,
+)
 from glmtune.errors import GlmtuneError
 from glmtune.model import fused, lora
-from glmtune.model.family import (
-    GLM4_MOE_LITE_TARGETS, GLM4_MOE_TARGETS, MOE_EXPERT_PARAMETERS, detect_family)
-
+from glmtune.model.family import GLM4_MOE_LITE_TARGETS, GLM4_MOE_TARGETS, MOE_EXPERT_PARAMETERS, detect_family
 from tests.fixtures.glm_configs import GLM_45_AIR, GLM_46, GLM_47_FLASH
 from tests.model.test_fused import _loss_and_grads, _relative  # the same batch and checks
 

@@ -17,8 +17,8 @@ import torch
 pytest.importorskip("bitsandbytes")
 
 from glmtune.config import PredictConfig, TrainConfig  # noqa: E402
-from glmtune.data.templates import encode_prompt  # noqa: E402
 from glmtune.data.sample import Message  # noqa: E402
+from glmtune.data.templates import encode_prompt  # noqa: E402
 from glmtune.train.recipe import FineTuner  # noqa: E402
 
 

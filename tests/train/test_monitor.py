@@ -20,7 +20,6 @@ from glmtune.train import checkpoint, monitor
 from glmtune.train.recipe import FineTuner
 
 
-
 def config(tiny_model, triplet_dir, out, **over):
     base = dict(model=str(tiny_model), data=str(triplet_dir / "train_triplet.jsonl"),
                 output_dir=str(out), max_steps=6, batch_size=4, grad_accum=2, memory_limit=4.0,
