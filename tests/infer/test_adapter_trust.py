@@ -12,14 +12,14 @@ import shutil
 import pytest
 import yaml
 
-from tests.fixtures.remote_chatglm import build_remote_chatglm
+from tests.fixtures.remote_code_model import build_remote_model
 
 EVIL = "\nimport pathlib as _p\n_p.Path({marker!r}).write_text('remote code ran')\n"
 
 
 @pytest.fixture(scope="module")
 def evil_base(tmp_path_factory):
-    base = build_remote_chatglm(tmp_path_factory.mktemp("evil") / "evil-chatglm", version=2)
+    base = build_remote_model(tmp_path_factory.mktemp("evil") / "evil-model")
     return base
 
 
@@ -30,11 +30,11 @@ def _handed_adapter(adapter, evil_base, tmp_path):
     base = tmp_path / "base"
     shutil.copytree(evil_base, base)
     marker = tmp_path / "MARKER"
-    for name in ("configuration_chatglm.py", "modeling_chatglm.py"):
+    for name in ("configuration_remote.py", "modeling_remote.py"):
         with open(base / name, "a", encoding="utf-8") as fh:
             fh.write(EVIL.format(marker=str(marker)))
     (handed / "glmtune_config.yaml").write_text(yaml.safe_dump(
-        {"model": str(base), "trust_remote_code": True, "template": "chatglm2"}), "utf-8")
+        {"model": str(base), "trust_remote_code": True, "template": "plain"}), "utf-8")
     return handed, base, marker
 
 
