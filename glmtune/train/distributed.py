@@ -96,11 +96,19 @@ def init(device_type: str, sharded: bool = False) -> Dist:
         torch.cuda.set_device(info.local_rank)
     if not dist.is_initialized():
         if not info.enabled:
+            # A group of one through the launchers' variables, which DeepSpeed reads too;
+            # shutdown puts back what was there, so child processes never inherit them.
+            _ENV_BEFORE.update({var: os.environ.get(var) for var in _LAUNCH_VARS})
             for var, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port())),
                                ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
                 os.environ.setdefault(var, value)
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     return info
+
+
+_LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "CROSS_RANK", "CROSS_SIZE")
+_ENV_BEFORE: dict[str, str | None] = {}
 
 
 def _free_port() -> int:
@@ -135,6 +143,12 @@ def shutdown(info: Dist) -> None:
         if info.enabled:
             dist.barrier()
         dist.destroy_process_group()
+    for var, value in _ENV_BEFORE.items():  # what a group of one found (see init)
+        if value is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = value
+    _ENV_BEFORE.clear()
 
 
 # ---------------------------------------------------------------------- sharding

@@ -92,7 +92,8 @@ def _visible(pieces: list[str]) -> tuple[list[str], str]:
 def test_streamed_reasoning_is_held_back_piece_by_piece():
     sent, final = _visible(["\n<th", "ink>ad", "d</thi", "nk>\nfo", "ur"])
     assert "".join(sent).strip() == final == ANSWER
-    assert _visible(["plain ", "answer"]) == (["plain ", "answer"], "plain answer")
+    # trailing whitespace waits for what follows it (the final answer is stripped)
+    assert _visible(["plain ", "answer"]) == (["plain", " answer"], "plain answer")
     sent, final = _visible(["<think>a</think>", "\n", "four", " and", " five"])
     assert sent == ["four", " and", " five"] and final == "four and five"
     sent, final = _visible(["<think>cut off"])

@@ -73,13 +73,21 @@ def test_guard_checkpoints_and_stops_then_resumes_smaller(monkeypatch, tiny_mode
 def test_auto_shrink_keeps_going_with_the_same_effective_batch(monkeypatch, tiny_model, triplet_dir,
                                                                tmp_path):
     out = tmp_path / "out"
-    pressure = fake_pressure(monkeypatch, 2)
+    # One sample above the guard after step 2, whoever takes it (the sampler thread or the
+    # check between steps): the smaller batch that follows brings memory back under it.
+    real, spike = monitor.sample_rss, {"left": 0}
 
-    def relieve(step, tuner):  # the smaller batch brings memory back under the guard
-        if step <= 2:
-            pressure(step, tuner)
-        else:
-            monkeypatch.setattr(monitor, "sample_rss", lambda: GB)
+    def sample():
+        if spike["left"]:
+            spike["left"] -= 1
+            return int(3.8 * GB)
+        return real()
+
+    monkeypatch.setattr(monitor, "sample_rss", sample)
+
+    def relieve(step, tuner):
+        if step == 2:
+            spike["left"] = 1
 
     result = FineTuner(config(tiny_model, triplet_dir, out, auto_shrink=True),
                        callbacks=[relieve]).train()
