@@ -12,14 +12,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 RUN_CONFIG = "glmtune_config.yaml"
 
 
-# TODO(after the branches of 2026-11-29 merge): callers use glmtune.atomic directly
-staging_dir, write_text_atomic = atomic.staging_dir, atomic.write_text
-
-
-def publish_files(staged: Path, target: Path, last: str = ADAPTER_CONFIG) -> None:
-    atomic.publish_files(staged, target, last)
-
-
 class MetricsLog:
     """Append-only ``metrics.jsonl``: one JSON object per logged event."""
 

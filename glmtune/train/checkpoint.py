@@ -101,7 +101,7 @@ def save(out: Path, state: TrainerState, model, optimizer, scheduler, *,
     """
     import torch
 
-    from glmtune.train.artifacts import staging_dir
+    from glmtune.atomic import staging_dir
 
     target = out / f"checkpoint-{state.step}"
     if staged is None:
