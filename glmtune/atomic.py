@@ -93,9 +93,8 @@ def replace_dir(staged: Path, out: Path, *, shared: bool = False) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(staged, 0o777 & ~umask)
-        for path in staged.iterdir():
-            if path.is_file():
-                os.chmod(path, 0o666 & ~umask)
+        for path in staged.rglob("*"):
+            os.chmod(path, (0o666 if path.is_file() else 0o777) & ~umask)
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")

@@ -79,18 +79,39 @@ def _field(cls, name):
 def cmd_train(args) -> int:
     from glmtune.train import distributed
     from glmtune.train.recipe import train
+    from glmtune.train.stopping import EXIT_CODES
 
     result = train(config_from_args(args, cfg.TrainConfig))
     if not distributed.from_environment().is_main:
         return 0  # rank 0 reports for everyone
     if result.interrupted:
-        print(f"stopped early at step {result.steps}; resume with: {result.resume_command}")
-        return {"SIGINT": 130, "SIGTERM": 143, "memory guard": 3}.get(result.interrupted, 1)
+        command = _resume_command(args.argv, distributed.from_environment().world,
+                                  result.resume_flags)
+        print(f"stopped early at step {result.steps}; resume with: {command}")
+        return EXIT_CODES.get(result.interrupted, 1)
     if result.eval_losses:
         first, last = result.eval_losses[0][1], result.eval_losses[-1][1]
         print(f"validation loss: {first:.4f} -> {last:.4f}")
     print(f"adapter saved to {result.output_dir}")
     return 0
+
+
+def _resume_command(argv: list[str], world: int, flags: str = "") -> str:
+    """The command that continues a stopped run: the one given, with resume on (plus ``flags``)."""
+    import os
+    import shlex
+
+    if "--from-make" in argv:  # started by `make train VAR=...`
+        if flags:  # options Make has no variables for go through the glmtune command
+            return f"glmtune train --from-make {flags} --resume auto  # with the same Make variables"
+        given = [f"{var}={shlex.quote(os.environ[var])}" for var in cfg.make_variables(cfg.TrainConfig)
+                 if os.environ.get(var) and var != "RESUME"]
+        target = ["train"] if world == 1 else ["train-ddp", f"NPROC={world}"]
+        return shlex.join(["make", *target]) + "".join(" " + g for g in given) + " RESUME=auto"
+    # the same launch again (torchrun / accelerate started the processes of a larger run)
+    launcher = ["glmtune"] if world == 1 else ["torchrun", f"--nproc_per_node={world}", "-m", "glmtune"]
+    argv = argv + ([] if "--resume" in argv else ["--resume", "auto"])
+    return shlex.join([*launcher, *argv]) + (f" {flags}" if flags else "")
 
 
 def cmd_predict(args) -> int:
@@ -361,6 +382,7 @@ def _setup_logging(debug: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])  # what the user typed
     _setup_logging(args.debug)
     try:
         return args.func(args)

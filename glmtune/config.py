@@ -40,8 +40,26 @@ def _opt(help: str, *, flag: str | None = None, make: str | None = None,
     return field(default=default, metadata=meta)
 
 
+class _Schema:
+    """What every config class shares: ``problems()`` is everything wrong with it (its own
+    ``_checks`` plus the choice and template checks every class gets here), and
+    ``validate`` reports them all in one error, so the user fixes them in one go."""
+
+    def _checks(self) -> list[str]:
+        return []
+
+    def problems(self) -> list[str]:
+        return self._checks() + _choice_problems(self) + _template_problems(self)
+
+    def validate(self, source: str = "configuration"):
+        found = self.problems()
+        if found:
+            raise ConfigError(found, source)
+        return self
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(_Schema):
     # --- what to train -----------------------------------------------------
     model: str = _opt("base model: 'tiny-glm' (embedded, built locally), a local HF directory, "
                       "or a hub id on a machine that can reach the hub",
@@ -165,8 +183,7 @@ class TrainConfig:
                                  "from the checkpoint's", default=False)
 
     # ------------------------------------------------------------------------
-    def problems(self) -> list[str]:
-        """Everything wrong with this config, so the user fixes it in one go."""
+    def _checks(self) -> list[str]:
         # inf/nan make no sense for any float setting: they train NaN weights or overflow
         found = [f"{f.name}: must be a finite number, got {getattr(self, f.name)}"
                  for f in fields(self) if isinstance(getattr(self, f.name), float)
@@ -199,22 +216,14 @@ class TrainConfig:
         if self.preset not in ("none", *PRESETS):
             found.append(f"preset: must be one of none, {', '.join(PRESETS)}, "
                          f"got {excerpt(self.preset)}")
-        found += _template_problems(self)
         if not 0 <= self.warmup_ratio < 1:
             found.append(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             found.append("weight_decay and max_grad_norm: must be >= 0")
-        found += _choice_problems(self)
         for name in ("model", "data", "output_dir"):
             if not str(getattr(self, name)).strip():
                 found.append(f"{name}: must not be empty")
         return found
-
-    def validate(self, source: str = "configuration") -> "TrainConfig":
-        found = self.problems()
-        if found:
-            raise ConfigError(found, source)
-        return self
 
     @classmethod
     def from_preset(cls, preset: str, *layers: dict[str, Any], hw=None, **overrides) -> "TrainConfig":
@@ -246,7 +255,7 @@ DEMO_PROMPT = "请从以下文本中抽取三元组，格式为(主体, 关系, 
 
 
 @dataclass
-class PredictConfig:
+class PredictConfig(_Schema):
     """Generation with a base model and (optionally) a trained adapter."""
 
     adapter: str = _opt("adapter directory written by `glmtune train` ('' for the bare base model)",
@@ -277,7 +286,7 @@ class PredictConfig:
                                "(default: only the answer after it)", make="SHOW_THINKING",
                                default=False)
 
-    def problems(self) -> list[str]:
+    def _checks(self) -> list[str]:
         found = []
         if self.file and self.out and Path(self.out).suffix.lower() != ".jsonl":
             found.append(f"out: batch answers (--file) are written as JSON Lines; give a .jsonl "
@@ -294,7 +303,6 @@ class PredictConfig:
                          "of an emoji or other character; expected valid Unicode text)")
         return found
 
-    validate = TrainConfig.validate
 
 
 def _same(cls: type, name: str, **changes):
@@ -318,7 +326,7 @@ def _inference_problems(config) -> list[str]:
         value = getattr(config, name, None)
         if value is not None and value < 1:
             found.append(f"{name}: must be a positive integer or unset, got {value}")
-    return found + _choice_problems(config) + _template_problems(config)
+    return found
 
 
 def _choice_problems(config) -> list[str]:
@@ -342,7 +350,7 @@ EXPORT_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
-class _LoadedModel:
+class _LoadedModel(_Schema):
     """The options every command that generates with base + adapter starts with."""
 
     adapter: str = _same(PredictConfig, "adapter")
@@ -384,7 +392,7 @@ class EvalConfig(_LoadedModel):
     bf16: str = _same(PredictConfig, "bf16")
     threads: int | None = _same(PredictConfig, "threads")
 
-    def problems(self) -> list[str]:
+    def _checks(self) -> list[str]:
         found = _inference_problems(self)
         if not self.data.strip():
             found.append("data: must not be empty")
@@ -394,7 +402,6 @@ class EvalConfig(_LoadedModel):
             found.append("compare_base: needs an adapter to compare the base model with")
         return found
 
-    validate = TrainConfig.validate
 
     @property
     def resolved_output_dir(self) -> str:
@@ -411,17 +418,16 @@ class ChatConfig(_LoadedModel):
     bf16: str = _same(PredictConfig, "bf16")
     threads: int | None = _same(PredictConfig, "threads")
 
-    def problems(self) -> list[str]:
+    def _checks(self) -> list[str]:
         found = _inference_problems(self)
         if not self.adapter and not self.model:
             found.append("adapter / model: give an adapter directory, or a --model to chat bare")
         return found
 
-    validate = TrainConfig.validate
 
 
 @dataclass
-class ExportConfig:
+class ExportConfig(_Schema):
     """Merging an adapter into its base model and saving a standalone model."""
 
     adapter: str = _opt("adapter directory written by `glmtune train`", make="ADAPTER",
@@ -435,13 +441,12 @@ class ExportConfig:
                       make="EXPORT_DTYPE", choices=EXPORT_DTYPES, default="float32")
     threads: int | None = _same(PredictConfig, "threads")
 
-    def problems(self) -> list[str]:
+    def _checks(self) -> list[str]:
         found = _inference_problems(self)
         if not self.adapter.strip():
             found.append("adapter: must not be empty: export merges an adapter into its base")
         return found
 
-    validate = TrainConfig.validate
 
     @property
     def resolved_out(self) -> str:
@@ -476,7 +481,7 @@ class ServeConfig(_LoadedModel):
     bf16: str = _same(PredictConfig, "bf16")
     threads: int | None = _same(PredictConfig, "threads")
 
-    def problems(self) -> list[str]:
+    def _checks(self) -> list[str]:
         found = _inference_problems(self)
         if self.queue_size < 1:
             found.append(f"queue_size: must be a positive integer, got {self.queue_size}")
@@ -491,7 +496,6 @@ class ServeConfig(_LoadedModel):
             found.append("adapter / model: give adapter directories, or a --model to serve bare")
         return found
 
-    validate = TrainConfig.validate
 
     @property
     def adapters(self) -> list[tuple[str, str]]:

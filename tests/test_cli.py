@@ -161,3 +161,25 @@ def test_make_vars_listing_comes_from_the_schema(run_cli):
     assert code == 0
     for var in ("MODEL", "DATA", "NUM_EPOCHS", "LEARNING_RATE", "QUANT_LEVEL", "NUM_THREADS", "PROMPT"):
         assert var in stdout
+
+
+@pytest.mark.parametrize("argv, world, flags, env, expected", [
+    (["train", "--data", "my data.jsonl"], 1, "", {},
+     "glmtune train --data 'my data.jsonl' --resume auto"),
+    (["train", "--resume", "auto"], 1, "--batch-size 2 --grad-accum 4", {},
+     "glmtune train --resume auto --batch-size 2 --grad-accum 4"),
+    (["train"], 2, "", {}, "torchrun --nproc_per_node=2 -m glmtune train --resume auto"),
+    (["train", "--from-make"], 1, "", {"NUM_EPOCHS": "3"}, "make train NUM_EPOCHS=3 RESUME=auto"),
+    (["train", "--from-make"], 2, "", {}, "make train-ddp NPROC=2 RESUME=auto"),
+    (["train", "--from-make"], 1, "--batch-size 1", {},
+     "glmtune train --from-make --batch-size 1 --resume auto  # with the same Make variables"),
+])
+def test_the_resume_command_repeats_what_the_user_ran(argv, world, flags, env, expected, monkeypatch):
+    from glmtune import cli
+    from glmtune.config import TrainConfig, make_variables
+
+    for var in make_variables(TrainConfig):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert cli._resume_command(argv, world, flags) == expected

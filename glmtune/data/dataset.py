@@ -7,12 +7,11 @@ from dataclasses import dataclass
 
 from glmtune.data.formats import check_same_format, read_samples
 from glmtune.data.sample import Message, Sample
-from glmtune.data.templates import encode
+from glmtune.data.templates import IGNORE_INDEX, encode
 from glmtune.errors import DataError
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Which rows each micro-batch holds: epoch order, packing, each process's slice, resume position.
+"""Which rows each micro-batch holds (epoch order, packing, each process's slice, resume
+position), and the micro-batches themselves.
 
 The data position is the number of rows all processes have consumed
 (``rows_seen``). Everything here is a pure function of it and of the settings,
@@ -12,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterator
 
-from glmtune.data.dataset import epoch_order
+from glmtune.data.dataset import IGNORE_INDEX, Encoded, collate, collate_packed, epoch_order
 
 
 def pack(order: list[int], lengths: list[int], capacity: int) -> list[list[int]]:
@@ -82,3 +83,16 @@ class Sampler:
                 yield (chunk[self.rank * per_rank:(self.rank + 1) * per_rank],
                        sum(len(unit) for unit in chunk))
             epoch, offset = epoch + 1, 0
+
+
+def batches(sampler: Sampler, rows: list[Encoded], pad_id: int, rows_seen: int
+            ) -> Iterator[tuple[dict, int]]:
+    """Endless (collated micro-batch, rows all processes consume) from ``rows_seen`` on."""
+    for units, consumed in sampler.micro_batches(rows_seen):
+        if not units:  # this process's share of a ragged end: one row that trains nothing
+            idle = Encoded(rows[0].input_ids, [IGNORE_INDEX] * len(rows[0].input_ids))
+            yield collate([idle], pad_id), consumed
+        elif sampler.pack_len is not None:
+            yield collate_packed([[rows[i] for i in unit] for unit in units], pad_id), consumed
+        else:
+            yield collate([rows[unit[0]] for unit in units], pad_id), consumed

@@ -17,12 +17,12 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from glmtune import atomic
 from glmtune.config import EvalConfig
 from glmtune.data.formats import read_samples
 from glmtune.data.sample import Message
 from glmtune.errors import DataError
 from glmtune.evaluate import generation, triplet
-from glmtune.train import artifacts
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +160,10 @@ def _write(out: Path, examples, predictions, scores, report, config: EvalConfig,
         "scores": {label: (s.to_dict() if hasattr(s, "to_dict") else s)
                    for label, s in scores.items()},
     }
-    with artifacts.staging_dir(out) as staged:
+    with atomic.staging_dir(out) as staged:
         (staged / PREDICTIONS_FILE).write_text(
             "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         (staged / REPORT_FILE).write_text(report + "\n", encoding="utf-8")
         (staged / METRICS_FILE).write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n",
                                            encoding="utf-8")
-        artifacts.publish_files(staged, out, last=METRICS_FILE)
+        atomic.publish_files(staged, out, last=METRICS_FILE)

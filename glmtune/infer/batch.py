@@ -20,11 +20,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from glmtune import atomic
 from glmtune.config import PredictConfig
 from glmtune.data.formats import _JsonShapeError, _loads, _Loc, _read_text, check_unicode
 from glmtune.errors import DataError, GlmtuneError
 from glmtune.lock import output_lock
-from glmtune.train.artifacts import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def _answered(out: Path, rows: list[PromptRow], file: str) -> set[int]:
         # Every answer is written with its newline in one call, so a line without one is
         # the write a kill interrupted; its prompt is answered again.
         log.info("%s: dropping a half-written last answer (interrupted run)", out)
-        write_text_atomic(out, "".join(line + "\n" for line in complete))
+        atomic.write_text(out, "".join(line + "\n" for line in complete))
     return done
 
 

@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from glmtune import atomic
 from glmtune.config import DEMO_PROMPT, ExportConfig, PredictConfig
 from glmtune.errors import GlmtuneError
 from glmtune.lock import output_lock
-from glmtune.train import artifacts
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +116,7 @@ def _merge_and_save(config: ExportConfig, out: Path, predictor) -> ExportResult:
     info = {"adapter": str(config.adapter), "base_model": predictor.source.name,
             "template": predictor.family.template, "dtype": config.dtype,
             "verified_max_abs_logit_diff": diff, "tolerance": TOLERANCE}
-    with artifacts.staging_dir(out) as staged:
+    with atomic.staging_dir(out) as staged:
         if original:
             chatglm.save_original(merged, predictor.source.path, staged, dtype)
             if original_adapter is not None:
@@ -131,27 +129,6 @@ def _merge_and_save(config: ExportConfig, out: Path, predictor) -> ExportResult:
                                         encoding="utf-8")
         if not any(staged.glob("*.safetensors")):
             raise GlmtuneError(f"{out}: the model was not saved as safetensors; nothing written")
-        _replace_dir(staged, out)
+        # an exported model is meant to be shared: not mkdtemp's private permissions
+        atomic.replace_dir(staged, out, shared=True)
     return ExportResult(out, diff, ids.shape[1])
-
-
-def _replace_dir(staged: Path, out: Path) -> None:
-    """Rename ``staged`` to ``out``; an old ``out`` is moved aside first and removed after."""
-    umask = os.umask(0)
-    os.umask(umask)
-    # mkdtemp (and some writers) make things private; an exported model is meant to be shared
-    os.chmod(staged, 0o777 & ~umask)
-    for path in staged.rglob("*"):
-        os.chmod(path, (0o666 if path.is_file() else 0o777) & ~umask)
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    try:
-        os.replace(staged, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)  # put the previous export back rather than leave nothing
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

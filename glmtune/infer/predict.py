@@ -465,7 +465,7 @@ def _attach_adapter(model, adapter: str, name: str = "default"):
 def predict(config: PredictConfig) -> str:
     answer = Predictor(config).generate(config.prompt)
     if config.out:
-        from glmtune.train.artifacts import write_text_atomic
+        from glmtune import atomic
 
-        write_text_atomic(Path(config.out), f"prompt:\n{config.prompt}\n\nanswer:\n{answer}\n")
+        atomic.write_text(Path(config.out), f"prompt:\n{config.prompt}\n\nanswer:\n{answer}\n")
     return answer

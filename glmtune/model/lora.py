@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager
 
 from glmtune.errors import GlmtuneError
@@ -153,3 +154,20 @@ def check_adapter_config(adapter_dir) -> dict:
         raise GlmtuneError(f"{file}: broken adapter config: {'; '.join(problems)} "
                            f"(expected {expected})")
     return config
+
+
+def add_embedding_noise(model, alpha: float) -> None:
+    """NEFTune (Jain et al., 2023): noise on the input embeddings in training mode only.
+
+    Uniform in +-alpha / sqrt(sequence length x hidden size); it works against
+    memorising the training rows, which small data sets invite.
+    """
+    import torch
+
+    def add_noise(module, inputs, output):
+        if not module.training:
+            return output
+        scale = alpha / math.sqrt(output.shape[-2] * output.shape[-1])
+        return output + torch.empty_like(output).uniform_(-scale, scale)
+
+    model.get_input_embeddings().register_forward_hook(add_noise)

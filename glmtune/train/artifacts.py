@@ -12,14 +12,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 RUN_CONFIG = "glmtune_config.yaml"
 
 
-# TODO(after the branches of 2026-11-29 merge): callers use glmtune.atomic directly
-staging_dir, write_text_atomic = atomic.staging_dir, atomic.write_text
-
-
-def publish_files(staged: Path, target: Path, last: str = ADAPTER_CONFIG) -> None:
-    atomic.publish_files(staged, target, last)
-
-
 class MetricsLog:
     """Append-only ``metrics.jsonl``: one JSON object per logged event."""
 
@@ -76,3 +68,20 @@ def plot_losses(records: list[dict], path: Path) -> None:
             fig.savefig(tmp, dpi=100, format="png")
     finally:
         plt.close(fig)
+
+
+def save_adapter(out: Path, model, tokenizer, config, weights: dict | None = None) -> None:
+    """Adapter + tokenizer + the run's resolved config, staged, then published atomically.
+
+    ``weights``: the trained tensors gathered from a sharded run (None: the model's own).
+    ``config`` carries the resolved template, so predict/eval format prompts as training did.
+    """
+    from glmtune.config import save_yaml
+    from glmtune.errors import writing
+
+    with writing(out, "the run's checkpoints are intact and an earlier adapter is kept"), \
+            atomic.staging_dir(out) as staged:
+        model.save_pretrained(staged, **({} if weights is None else {"state_dict": weights}))
+        tokenizer.save_pretrained(staged)
+        save_yaml(config, staged / RUN_CONFIG)
+        atomic.publish_files(staged, out, last=ADAPTER_CONFIG)

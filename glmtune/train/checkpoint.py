@@ -101,7 +101,7 @@ def save(out: Path, state: TrainerState, model, optimizer, scheduler, *,
     """
     import torch
 
-    from glmtune.train.artifacts import staging_dir
+    from glmtune.atomic import staging_dir
 
     target = out / f"checkpoint-{state.step}"
     if staged is None:
@@ -277,3 +277,49 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restore(out: Path, resume: str | None, record: dict[str, Any], *, override: bool, model,
+            optimizer, scheduler, engine) -> TrainerState | None:
+    """Continue where ``--resume`` points: weights, optimizer and schedule loaded in place,
+    and the run's state returned; None when there is nothing to resume (start afresh).
+
+    ``record``: what this run would write into a checkpoint; a checkpoint whose settings
+    differ in ways that change the result is refused unless ``override``.
+    """
+    found = find_resume_point(out, resume, weights=not engine.sharded) if resume else None
+    if found is None:
+        if resume:
+            log.info("--resume auto: no checkpoint in %s yet, starting from scratch", out)
+        return None
+    differences = config_differences(saved_config(found), record)
+    if differences and not override:
+        raise GlmtuneError(f"{found}: cannot resume, these settings differ from the "
+                           "checkpoint's (pass --resume-override to resume anyway):\n  - "
+                           + "\n  - ".join(differences))
+    state = load(found, model, None if engine.sharded else optimizer, scheduler)
+    if engine.sharded:
+        engine.load_state(found / ENGINE_DIR, model, optimizer)
+    state.config = record
+    log.info("resumed from %s at step %d", found, state.step)
+    return state
+
+
+def save_run(out: Path, state: TrainerState, model, optimizer, scheduler, *, engine, dist,
+             keep: int | None, protect: set[int]) -> None:
+    """checkpoint-N from every process of a run: a sharded strategy's ranks first write their
+    optimizer shards into a shared staging directory, then rank 0 completes and publishes it."""
+    saving: dict[str, Any] = dict(keep=keep, protect=protect)
+    if engine.sharded:
+        weights = engine.gather_trainable(model)
+        if dist.is_main:
+            prepare_shared_staging(out, state.step)
+        dist.barrier()
+        staged = shared_staging(out, state.step)
+        engine.save_state(staged / ENGINE_DIR, model, optimizer)
+        dist.barrier()
+        saving.update(staged=staged, weights=weights)
+    if dist.is_main:
+        path = save(out, state, model, None if engine.sharded else optimizer, scheduler, **saving)
+        log.info("checkpoint saved: %s", path)
+    dist.barrier()

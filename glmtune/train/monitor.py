@@ -10,11 +10,14 @@ before the kernel's OOM killer would take the run down without one.
 from __future__ import annotations
 
 import csv
+import logging
 import threading
 import time
 from pathlib import Path
 
 from glmtune.hardware import GB
+
+log = logging.getLogger(__name__)
 
 CSV_HEADER = ("time_s", "rss_gb", "system_available_gb")
 
@@ -145,3 +148,33 @@ def follow(out: Path, interval: float = 2.0, once: bool = False) -> int:
                 print(f"finished: adapter in {out}")
             return 0 if line or finished.is_file() else 1
         time.sleep(interval)
+
+
+def rss_gb() -> float:
+    return sample_rss() / GB  # the same unit as memory.csv and the guard
+
+
+def progress_bar(total: int, done: int = 0):
+    from tqdm.auto import tqdm
+
+    # disable=None: no bar when output is not a terminal (CI logs, files); the
+    # log lines carry the same numbers there.
+    return tqdm(total=total, initial=done, desc="train", unit="step", dynamic_ncols=True,
+                leave=True, disable=None)
+
+
+def log_window(state, metrics, bar, *, lr: float, steps_per_epoch: int, elapsed: float) -> float:
+    """Log the steps since the last log line (metrics.jsonl, progress bar, log); their loss."""
+    loss = state.window_loss / max(state.window_tokens, 1)
+    record = {"step": state.step, "epoch": round(state.step / steps_per_epoch, 3),
+              "loss": round(loss, 5), "lr": lr,
+              # every non-padding token the model processed, prompt included
+              "tokens": state.window_input_tokens,
+              "tokens_per_s": round(state.window_input_tokens / max(elapsed, 1e-9), 1),
+              "rss_gb": round(rss_gb(), 3)}
+    metrics.write(record)
+    bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                    rss=f"{record['rss_gb']:.2f}G")
+    log.info("%s", {k: record[k] for k in ("loss", "lr", "epoch")})
+    state.window_loss, state.window_tokens, state.window_input_tokens = 0.0, 0, 0
+    return loss
