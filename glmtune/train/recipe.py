@@ -209,8 +209,9 @@ class _Run:
         self.save_every = self.cfg.save_steps or self.steps_per_epoch
         self.metrics = artifacts.MetricsLog(out / "metrics.jsonl", enabled=self.dist.is_main)
         self.state = checkpoint.TrainerState(config=self._config_record())
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.train_model, self.optimizer = self._setup_optimizer()
+        # after wrapping: FSDP replaces the parameters with sharded ones
+        self.params = self._trainable()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.grad_norm: float | None = None
         self.last_loss: float | None = None
@@ -221,10 +222,13 @@ class _Run:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)
         model, optimizer = self.engine.wrap(self.model, lambda: torch.optim.AdamW(
-            self.params, lr=cfg.lr, weight_decay=cfg.weight_decay), cfg)
+            self._trainable(), lr=cfg.lr, weight_decay=cfg.weight_decay), cfg)
         if cfg.compile:  # dynamic: batches are padded to multiples of 8, not to one length
             model = torch.compile(model, dynamic=True)
         return model, optimizer
+
+    def _trainable(self) -> list:
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def _lr_factor(self, step: int) -> float:
         """Linear warm-up, then cosine decay to 10% of the peak."""

@@ -206,7 +206,8 @@ def test_whole_job_in_the_browser(server, browser, workspace, tmp_path):
     while _points(page) <= first:
         assert time.monotonic() < deadline, "the plot gained no points after the reload"
         page.wait_for_timeout(300)
-    assert page.locator("#loss-plot canvas, #loss-plot svg").count() > 0
+    # the plot is drawn (Gradio re-renders it on every update: wait for a drawn frame)
+    page.locator("#loss-plot canvas, #loss-plot svg").first.wait_for(timeout=30_000)
 
     # Stop = Ctrl-C: a checkpoint; Resume continues it (here to a few steps further)
     page.locator("#stop").click()
