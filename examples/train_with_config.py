@@ -2,7 +2,7 @@
 
     python examples/train_with_config.py --config small --epochs 2 --lora_r 8
 
-Presets (``glmtune/presets.py``, ``glmtune plan --list-presets``): small,
+Presets (``glmtune/plan/presets.py``, ``glmtune plan --list-presets``): small,
 medium, large, fast, auto (and the CPU memory tiers). Flags given here win
 over the preset; everything else keeps glmtune's defaults.
 """
@@ -29,7 +29,7 @@ def build_config(preset: str, **given):
 
 
 def main(argv=None) -> int:
-    from glmtune.presets import PRESETS
+    from glmtune.plan.presets import PRESETS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=list(PRESETS), default="auto", help="preset name")

@@ -171,9 +171,8 @@ def cmd_plan(args) -> int:
     """What `glmtune train` would do here, without loading the model."""
     import json
 
-    from glmtune import hardware, presets
     from glmtune.model import load
-    from glmtune.plan import plan_for_model, report
+    from glmtune.plan import hardware, plan_for_model, presets, report
 
     if args.list_presets:
         print(presets.table())
@@ -222,7 +221,7 @@ def cmd_webui(args) -> int:
 
 def _env_file(hw, plan, final, preset_note) -> str:
     """A .env for docker compose / make, as the CPU seed's setup wrote it."""
-    from glmtune import hardware
+    from glmtune.plan import hardware
 
     lines = ["# written by `glmtune plan --env` (make env) for this machine:",
              *(f"#   {line}" for line in hardware.describe(hw).splitlines()),

@@ -211,7 +211,7 @@ class TrainConfig(_Schema):
             found.append(f"oom_guard: must be a fraction in [0, 1], got {self.oom_guard}")
         if self.memory_limit is not None and not self.memory_limit > 0:
             found.append(f"memory_limit: must be > 0 GB, got {self.memory_limit}")
-        from glmtune.presets import PRESETS
+        from glmtune.plan.presets import PRESETS
 
         if self.preset not in ("none", *PRESETS):
             found.append(f"preset: must be one of none, {', '.join(PRESETS)}, "
@@ -228,7 +228,7 @@ class TrainConfig(_Schema):
     @classmethod
     def from_preset(cls, preset: str, *layers: dict[str, Any], hw=None, **overrides) -> "TrainConfig":
         """Defaults < preset < each layer < keyword overrides: explicit settings win."""
-        from glmtune.presets import preset_overrides
+        from glmtune.plan.presets import preset_overrides
 
         return build_config(cls, preset_overrides(preset, hw), *layers, overrides,
                             {"preset": preset})

@@ -8,7 +8,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from glmtune import hardware
 from glmtune.config import PredictConfig, TrainConfig, load_yaml
 from glmtune.data.sample import Message
 from glmtune.data.templates import (
@@ -22,6 +21,7 @@ from glmtune.errors import GlmtuneError, reading
 from glmtune.model import load
 from glmtune.model.family import detect_family, template_override
 from glmtune.model.lora import check_adapter_config
+from glmtune.plan import hardware
 from glmtune.train.artifacts import ADAPTER_CONFIG, RUN_CONFIG
 
 log = logging.getLogger(__name__)

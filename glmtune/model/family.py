@@ -12,9 +12,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from glmtune.data.templates import TEMPLATES, token_id
-from glmtune.errors import GlmtuneError
 from glmtune.model.chatglm import detect as chatglm_detect
+from glmtune.tokens import token_id
 
 CHATGLM_TARGETS = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
 GLM4_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -33,7 +32,7 @@ MOE_MODEL_TYPES = {"glm4_moe": GLM4_MOE_TARGETS, "glm4_moe_lite": GLM4_MOE_LITE_
 @dataclass(frozen=True)
 class Family:
     name: str                            # chatglm1-3, glm, glm4, glm4_moe, glm4_moe_lite or generic
-    template: str                        # one of templates.TEMPLATES
+    template: str                        # one of data.templates.TEMPLATES
     lora_targets: tuple[str, ...] | str  # module names, or a PEFT shorthand like "all-linear"
     remote_code: bool                    # the checkpoint's own Python code builds the model
     expert_parameters: tuple[str, ...] = ()  # routed-expert weights --lora-experts adapts (MoE)
@@ -89,6 +88,5 @@ def detect_family(model_config, tokenizer=None, name_or_path: str = "") -> Famil
 
 
 def template_override(family: Family, template: str) -> Family:
-    if template not in TEMPLATES:
-        raise GlmtuneError(f"unknown template {template!r}; valid templates: {', '.join(TEMPLATES)}")
+    # The config has checked the name (data.templates.check_template).
     return replace(family, template=template)

@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from glmtune.hardware import GB
+from glmtune.plan.hardware import GB
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def sample_rss() -> int:
 
 
 def sample_available() -> int:
-    from glmtune.hardware import memory
+    from glmtune.plan.hardware import memory
 
     return memory()[1]
 

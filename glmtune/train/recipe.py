@@ -22,16 +22,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-from glmtune import hardware
 from glmtune.config import TrainConfig
 from glmtune.data import dataset, sampler
 from glmtune.data.sampler import Sampler
 from glmtune.errors import GlmtuneError
-from glmtune.hardware import GB
 from glmtune.lock import output_lock
 from glmtune.model import fused, load, lora, tiny_glm
 from glmtune.model.family import Family, detect_family, template_override
-from glmtune.plan import Plan, plan_for_model
+from glmtune.plan import Plan, hardware, plan_for_model
+from glmtune.plan.hardware import GB
 from glmtune.train import artifacts, checkpoint, distributed, faults, monitor, output, stopping
 from glmtune.train.loss import summed_loss
 from glmtune.train.stopping import Stopper

@@ -88,8 +88,8 @@ def on_memory_guard(cfg, rss: int, guard: int, stopper: Stopper, can_shrink: boo
     """RSS crossed the guard: the settings to continue with (``--auto-shrink``: half the
     micro-batch, twice the accumulation), or None after asking the run to checkpoint and
     stop, with the smaller settings for the resume."""
-    from glmtune.hardware import GB
     from glmtune.plan import halve_batch
+    from glmtune.plan.hardware import GB
 
     half = halve_batch(cfg)
     if cfg.auto_shrink and cfg.batch_size > 1 and can_shrink:

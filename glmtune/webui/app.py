@@ -92,9 +92,8 @@ def train_values(names: list[str], model: str, data: str, values) -> dict:
 
 def plan_text(form: dict) -> tuple[str, float | None]:
     """What `glmtune plan` says for these settings, and the memory budget in GB."""
-    from glmtune import hardware, presets
     from glmtune.model import load
-    from glmtune.plan import plan_for_model, report
+    from glmtune.plan import hardware, plan_for_model, presets, report
 
     config = schema.build(cfg.TrainConfig, form)
     hw = hardware.detect()

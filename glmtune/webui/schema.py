@@ -34,7 +34,7 @@ def _choices(cls: type, f) -> tuple[str, ...] | None:
         return tuple(f.metadata["choices"])
     if cls is cfg.TrainConfig and f.name == "preset":
         # the preset names live in the table the validator checks against
-        from glmtune.presets import PRESETS
+        from glmtune.plan.presets import PRESETS
 
         return ("none", *PRESETS)
     return None

@@ -80,7 +80,7 @@ def test_train_pure_python(tiny_model, triplet_dir, tmp_path):
 def test_train_with_config(tiny_model, triplet_dir, tmp_path):
     import yaml
 
-    from glmtune.presets import preset_overrides
+    from glmtune.plan.presets import preset_overrides
 
     out = tmp_path / "adapter"
     flags = {"epochs": 1.0, "batch_size": 2, "lora_r": 2, "lr": 1e-3}

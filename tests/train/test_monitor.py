@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from glmtune.config import TrainConfig
-from glmtune.hardware import GB
+from glmtune.plan.hardware import GB
 from glmtune.train import checkpoint, monitor
 from glmtune.train.recipe import FineTuner
 

@@ -39,7 +39,7 @@ def test_input_kinds_follow_the_field_types():
     # optional numbers can be left empty, which a number input cannot
     assert (by_name["max_steps"].kind, by_name["max_steps"].optional) == ("text", True)
     assert by_name["template"].kind == "text"
-    from glmtune.presets import PRESETS
+    from glmtune.plan.presets import PRESETS
 
     assert by_name["preset"].choices == ("none", *PRESETS)
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from glmtune import hardware
-from glmtune.hardware import GB, Hardware
+from glmtune.plan import hardware
+from glmtune.plan.hardware import GB, Hardware
 
 # Flag lines as /proc/cpuinfo prints them (abridged to the flags that matter, in kernel order).
 AVX2_LAPTOP = "flags\t\t: fpu vme sse sse2 ssse3 fma sse4_1 sse4_2 avx f16c avx2 bmi2"

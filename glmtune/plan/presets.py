@@ -14,7 +14,7 @@ A preset only fills in settings: any option the user gives explicitly wins
 from __future__ import annotations
 
 from glmtune.errors import GlmtuneError, excerpt
-from glmtune.hardware import GB
+from glmtune.plan.hardware import GB
 
 PRESETS: dict[str, dict[str, object]] = {
     # CPU tiers, as the CPU trainer chose them from system memory
@@ -70,7 +70,7 @@ def preset_overrides(name: str, hw=None) -> dict[str, object]:
                            f"{', '.join(PRESETS)}")
     if name == "auto":
         if hw is None:
-            from glmtune.hardware import detect
+            from glmtune.plan.hardware import detect
 
             hw = detect()
         name = pick(hw)[0]

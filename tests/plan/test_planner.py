@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from glmtune import presets
 from glmtune.config import TrainConfig
 from glmtune.errors import GlmtuneError
-from glmtune.hardware import GB, Gpu, Hardware
-from glmtune.plan import make_plan
+from glmtune.plan import make_plan, presets
+from glmtune.plan.hardware import GB, Gpu, Hardware
 
 # ChatGLM3-6B's config.json (abridged)
 CHATGLM3 = {"model_type": "chatglm", "hidden_size": 4096, "num_layers": 28, "ffn_hidden_size": 13696,

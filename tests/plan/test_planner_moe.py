@@ -7,12 +7,12 @@ import json
 
 import pytest
 
-from glmtune import estimate as est
 from glmtune.config import TrainConfig
 from glmtune.errors import GlmtuneError
-from glmtune.hardware import GB, Gpu, Hardware
 from glmtune.model import load
+from glmtune.plan import estimate as est
 from glmtune.plan import plan_for_model
+from glmtune.plan.hardware import GB, Gpu, Hardware
 from tests.fixtures.glm_configs import GLM_45_AIR, GLM_46, GLM_47_FLASH
 
 MODELS = {"GLM-4.5-Air": GLM_45_AIR, "GLM-4.6": GLM_46, "GLM-4.7-Flash": GLM_47_FLASH}

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-from glmtune import estimate as est
 from glmtune.config import TrainConfig
 from glmtune.errors import GlmtuneError
-from glmtune.hardware import GB, Hardware, describe
+from glmtune.plan import estimate as est
+from glmtune.plan.hardware import GB, Hardware, describe
 
 MIN_SEQ_LEN = 128
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from glmtune.hardware import GB
+from glmtune.plan.hardware import GB
 
 # bytes per parameter of a quantized Linear weight, quantization state included
 _QUANT_BYTES = {"4bit": 0.5 + 4 / 64 / 8 * 1.0 + 0.03, "8bit": 1.0 + 4 / 4096}
