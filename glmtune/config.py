@@ -40,6 +40,22 @@ def _opt(help: str, *, flag: str | None = None, make: str | None = None,
     return field(default=default, metadata=meta)
 
 
+def strategy_problems(strategy: str, quant: str) -> list[str]:
+    """What makes a launch impossible, found before anything is loaded."""
+    found = []
+    if quant == "8bit" and strategy in ("fsdp", "zero3"):
+        found.append(f"strategy: {strategy} shards the weights and 8-bit weights cannot be "
+                     "sharded; use --quant 4bit (stored as bf16 for sharding) or --strategy "
+                     "zero2 / ddp")
+    if strategy in ("zero2", "zero3"):
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            found.append(f"strategy: {strategy} needs DeepSpeed, which is not installed "
+                         "(pip install deepspeed)")
+    return found
+
+
 class _Schema:
     """What every config class shares: ``problems()`` is everything wrong with it (its own
     ``_checks`` plus the choice and template checks every class gets here), and
@@ -202,8 +218,6 @@ class TrainConfig(_Schema):
             found.append(f"lr: must be > 0, got {self.lr}")
         if self.neftune_alpha < 0:
             found.append(f"neftune_alpha: must be >= 0, got {self.neftune_alpha}")
-        from glmtune.train.distributed import strategy_problems
-
         found += strategy_problems(self.strategy, self.quant)
         if not 0 <= self.lora_dropout < 1:
             found.append(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")

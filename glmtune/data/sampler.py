@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterator
 
-from glmtune.data.dataset import IGNORE_INDEX, Encoded, collate, collate_packed, epoch_order
+from glmtune.data.dataset import IGNORE_INDEX, PAD_MULTIPLE, Encoded, collate, collate_packed, epoch_order
 
 
 def pack(order: list[int], lengths: list[int], capacity: int) -> list[list[int]]:
@@ -62,6 +62,19 @@ class Sampler:
         """Optimizer steps in an epoch (the first one's, when packing makes them differ)."""
         micro_batches = math.ceil(len(self.epoch_units(0)) / self.global_batch)
         return max(1, math.ceil(micro_batches / self.grad_accum))
+
+    def mean_batch_shape(self) -> tuple[float, float]:
+        """(tokens, sequence length) of this process's average padded micro-batch in the
+        first epoch: what a step computes, for predicting its time."""
+        units = self.epoch_units(0)
+        widths = [-(-sum(self.lengths[i] for i in unit) // PAD_MULTIPLE) * PAD_MULTIPLE
+                  for unit in units]
+        tokens, count = 0, 0
+        for first in range(0, len(units), self.global_batch):
+            chunk = widths[first:first + self.global_batch]
+            tokens += max(chunk) * -(-len(chunk) // self.world)
+            count += 1
+        return tokens / max(count, 1), sum(widths) / max(len(widths), 1)
 
     def micro_batches(self, rows_seen: int) -> Iterator[tuple[list[list[int]], int]]:
         """Endless (this process's sequences, rows all processes consume) from ``rows_seen``.

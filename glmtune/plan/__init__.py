@@ -6,6 +6,15 @@ It sits between the config and everything that loads a model or data, and
 imports nothing of them.
 """
 
-from glmtune.plan.planner import Plan, halve_batch, make_plan, memory_budget, plan_for_model, report
+from glmtune.plan.planner import (
+    Plan,
+    halve_batch,
+    make_plan,
+    memory_budget,
+    plan_for_model,
+    predict_step,
+    report,
+)
 
-__all__ = ["Plan", "halve_batch", "make_plan", "memory_budget", "plan_for_model", "report"]
+__all__ = ["Plan", "halve_batch", "make_plan", "memory_budget", "plan_for_model", "predict_step",
+           "report"]

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from glmtune.config import TrainConfig
 from glmtune.errors import GlmtuneError
 from glmtune.plan import estimate as est
+from glmtune.plan import speed
 from glmtune.plan.hardware import GB, Hardware, describe
 
 MIN_SEQ_LEN = 128
@@ -29,6 +30,7 @@ class Plan:
     base_dtype: str = "float32"
     budget_bytes: int | None = None
     predicted: est.Estimate | None = None
+    step_time: speed.StepTime | None = None  # at max_seq_len; None where not predicted (GPUs)
     reasons: list[str] = field(default_factory=list)
     changes: list[str] = field(default_factory=list)
 
@@ -45,10 +47,17 @@ class Plan:
             head += f" predicted peak {self.predicted.peak / GB:.2f} GB"
             if self.budget_bytes:
                 head += f" of a {self.budget_bytes / GB:.2f} GB budget"
+        if self.step_time is not None:
+            head += f"; predicted {self.step_time.seconds:.2f} s/step at full length"
         return head + "".join(f"\n  - {r}" for r in self.reasons + self.changes)
 
+    def guard_bytes(self, oom_guard: float) -> int | None:
+        """The RSS at which the memory guard acts: a fraction of the budget (0: never)."""
+        return int(self.budget_bytes * oom_guard) if self.budget_bytes and oom_guard else None
+
     def to_dict(self) -> dict:
-        data = {k: v for k, v in asdict(self).items() if k != "predicted"}
+        data = {k: v for k, v in asdict(self).items() if k not in ("predicted", "step_time")}
+        data["predicted_step_s"] = round(self.step_time.seconds, 3) if self.step_time else None
         data["predicted_gb"] = self.predicted.breakdown() if self.predicted else None
         data["budget_gb"] = round(self.budget_bytes / GB, 3) if self.budget_bytes else None
         return data
@@ -65,6 +74,9 @@ def report(hw: Hardware, plan: Plan, final: TrainConfig, preset_note: str | None
         parts = ", ".join(f"{k} {v:.2f}" for k, v in plan.predicted.breakdown().items() if k != "peak")
         each = " per process" if processes > 1 else ""
         lines.append(f"predicted peak memory{each}: {plan.predicted.peak / GB:.2f} GB ({parts} GB)")
+    if plan.step_time is not None:
+        lines.append("predicted step time at full length (micro-batch x max_seq_len): "
+                     + plan.step_time.describe())
     lines.append("settings: " + ", ".join(f"{k}={getattr(final, k)}" for k in (
         "quant", "batch_size", "grad_accum", "max_seq_len", "gradient_checkpointing", "lora_r",
         "max_samples")))
@@ -88,7 +100,7 @@ def memory_budget(config: TrainConfig, hw: Hardware, processes: int = 1) -> int:
 
 def make_plan(config: TrainConfig, hw: Hardware, model_config: dict | None = None,
               shard_bytes: int = 0, train_embeddings: bool = False,
-              processes: int = 1) -> tuple[Plan, TrainConfig]:
+              processes: int = 1, pickled: bool = False) -> tuple[Plan, TrainConfig]:
     """The plan, and the config with any memory-driven changes applied.
 
     ``processes``: training processes on this machine (torchrun), which share
@@ -119,7 +131,8 @@ def make_plan(config: TrainConfig, hw: Hardware, model_config: dict | None = Non
                 base_dtype=base_dtype, reasons=reasons)
     if model_config is None:
         return plan, config
-    return _fit_memory(plan, config, hw, model_config, shard_bytes, train_embeddings, processes)
+    return _fit_memory(plan, config, hw, model_config, shard_bytes, train_embeddings, processes,
+                       pickled)
 
 
 def plan_for_model(config: TrainConfig, hw: Hardware, source,
@@ -131,8 +144,31 @@ def plan_for_model(config: TrainConfig, hw: Hardware, source,
     train_embeddings = config.train_embeddings == "true" or (
         config.train_embeddings == "auto" and tiny_glm.is_tiny(source.path))
     shard = est.largest_shard_bytes(source.path) if source.local else 0
-    plan, fitted = make_plan(config, hw, source.config or None, shard, train_embeddings, processes)
+    plan, fitted = make_plan(config, hw, source.config or None, shard, train_embeddings, processes,
+                             pickled=source.local and est.pickled_only(source.path))
+    plan.step_time = predict_step(plan, fitted, source.config, train_embeddings,
+                                  fitted.batch_size * fitted.max_seq_len, fitted.max_seq_len)
+    if train_embeddings:
+        plan.reasons.append("training embeddings and LM head too" + (
+            " (tiny-glm's base is random: LoRA alone cannot learn on it)"
+            if tiny_glm.is_tiny(source.path) else ""))
     return plan, fitted, train_embeddings
+
+
+def predict_step(plan: Plan, config: TrainConfig, model_config: dict | None,
+                 train_embeddings: bool, tokens: float, seq_len: float) -> speed.StepTime | None:
+    """One optimizer step's predicted time with micro-batches of ``tokens`` tokens; None
+    on GPUs (no rates measured there yet) or without a config.json."""
+    from glmtune.plan import hardware
+
+    if plan.device != "cpu" or not model_config:
+        return None
+    hardware.set_threads(plan.threads)  # the rate is measured with the run's threads
+    return speed.step_time(est.shape_from_config(model_config),
+                           _settings(plan, config, train_embeddings),
+                           tokens=max(1, round(tokens)), seq_len=max(1, round(seq_len)),
+                           micro_batches=config.grad_accum,
+                           compute_dtype="bfloat16" if plan.bf16 else "float32")
 
 
 def _settings(plan: Plan, config: TrainConfig, train_embeddings: bool,
@@ -148,7 +184,7 @@ def _settings(plan: Plan, config: TrainConfig, train_embeddings: bool,
 
 def _fit_memory(plan: Plan, config: TrainConfig, hw: Hardware, model_config: dict,
                 shard_bytes: int, train_embeddings: bool,
-                processes: int) -> tuple[Plan, TrainConfig]:
+                processes: int, pickled: bool = False) -> tuple[Plan, TrainConfig]:
     try:
         shape = est.shape_from_config(model_config)
     except (KeyError, TypeError, ZeroDivisionError):
@@ -171,7 +207,8 @@ def _fit_memory(plan: Plan, config: TrainConfig, hw: Hardware, model_config: dic
                             f"state over {processes} processes")
 
     def predict(c: TrainConfig) -> est.Estimate:
-        return est.estimate(shape, _settings(plan, c, train_embeddings, processes), shard_bytes)
+        return est.estimate(shape, _settings(plan, c, train_embeddings, processes), shard_bytes,
+                            pickled)
 
     current = predict(config)
     for step in _shrink_steps(config):
@@ -191,7 +228,7 @@ def _fit_memory(plan: Plan, config: TrainConfig, hw: Hardware, model_config: dic
             f"the smallest setting tried ({_brief(config)}) still does not fit. It would fit "
             f"with MEMORY_LIMIT={current.peak / GB:.1f} or more"
             + _sharding_hint(lambda n: est.estimate(shape, replace(
-                _settings(plan, config, train_embeddings), shards=n), shard_bytes).peak,
+                _settings(plan, config, train_embeddings), shards=n), shard_bytes, pickled).peak,
                 config, budget, "machines" if plan.device == "cpu" else "devices")
             + _smaller_model_hint(shape, budget, current) + ". Nothing was loaded.")
     return plan, config

@@ -59,6 +59,30 @@ class TrainerState:
     best_step: int | None = None
     config: dict[str, Any] = field(default_factory=dict)
 
+    def advance(self, step: int, rows: int, loss_sum: float, tokens: int, input_tokens: int) -> None:
+        """Count a finished optimizer step into the data position and the log window."""
+        self.step, self.rows_seen = step, self.rows_seen + rows
+        self.window_loss += loss_sum
+        self.window_tokens += tokens
+        self.window_input_tokens += input_tokens
+
+    def record_eval(self, step: int, loss: float) -> None:
+        """Keep a validation loss; the best step is the lowest after training began."""
+        best = dict(map(tuple, self.eval_losses)).get(self.best_step)
+        self.eval_losses.append([step, loss])
+        if step and (best is None or loss < best):
+            self.best_step = step
+
+
+def start_fresh(out: Path, dist) -> None:
+    """Before a run that does not resume (``--overwrite`` of an earlier one): that run's
+    checkpoints must never be resumed into this one."""
+    if dist.is_main:
+        for _, old in list_checkpoints(out):
+            shutil.rmtree(old)
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+
 
 def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints, oldest first (temporaries never match the name)."""
@@ -306,9 +330,11 @@ def restore(out: Path, resume: str | None, record: dict[str, Any], *, override: 
 
 
 def save_run(out: Path, state: TrainerState, model, optimizer, scheduler, *, engine, dist,
-             keep: int | None, protect: set[int]) -> None:
+             keep: int | None, keep_best: bool = False) -> None:
     """checkpoint-N from every process of a run: a sharded strategy's ranks first write their
-    optimizer shards into a shared staging directory, then rank 0 completes and publishes it."""
+    optimizer shards into a shared staging directory, then rank 0 completes and publishes it.
+    ``keep_best``: pruning to ``keep`` spares the best validation step's checkpoint."""
+    protect = {state.best_step} if keep_best and state.best_step else set()
     saving: dict[str, Any] = dict(keep=keep, protect=protect)
     if engine.sharded:
         weights = engine.gather_trainable(model)

@@ -26,6 +26,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from glmtune.config import strategy_problems
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -155,6 +157,17 @@ def shutdown(info: Dist) -> None:
 SHARDED = ("fsdp", "zero2", "zero3")
 
 
+def start(requested: str, quant: str, device_type: str) -> tuple[str, Dist]:
+    """The strategy this launch runs (checked before joining anything) and its process group."""
+    from glmtune.errors import GlmtuneError
+
+    strategy = resolve_strategy(requested)
+    problems = strategy_problems(strategy, quant)
+    if problems:
+        raise GlmtuneError("; ".join(problems))
+    return strategy, init(device_type, sharded=strategy in SHARDED)
+
+
 def resolve_strategy(requested: str) -> str:
     """``auto``: what `accelerate launch --config_file X.yaml` asked for, else DDP."""
     if requested != "auto":
@@ -165,22 +178,6 @@ def resolve_strategy(requested: str) -> str:
     if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         return "zero3" if env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3" else "zero2"
     return "ddp"
-
-
-def strategy_problems(strategy: str, quant: str) -> list[str]:
-    """What makes a launch impossible, found before anything is loaded."""
-    found = []
-    if quant == "8bit" and strategy in ("fsdp", "zero3"):
-        found.append(f"strategy: {strategy} shards the weights and 8-bit weights cannot be "
-                     "sharded; use --quant 4bit (stored as bf16 for sharding) or --strategy "
-                     "zero2 / ddp")
-    if strategy in ("zero2", "zero3"):
-        import importlib.util
-
-        if importlib.util.find_spec("deepspeed") is None:
-            found.append(f"strategy: {strategy} needs DeepSpeed, which is not installed "
-                         "(pip install deepspeed)")
-    return found
 
 
 class Engine:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
-from glmtune.data.dataset import IGNORE_INDEX
+from glmtune.data.dataset import IGNORE_INDEX, collate
 from glmtune.model import fused
 
 
@@ -30,3 +30,24 @@ def summed_loss(model, batch: dict, head=None):
         return fused.linear_cross_entropy(out[:, :-1], head.weight, labels, IGNORE_INDEX)
     keep = labels != IGNORE_INDEX  # prompt positions never reach the fp32 copy
     return torch.nn.functional.cross_entropy(out[:, :-1][keep].float(), labels[keep], reduction="sum")
+
+
+def trained_tokens(batch) -> int:
+    """Positions whose next token is trained (the loss's denominator)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def mean_loss(model, loss_sum, rows, batch_size: int, pad_id: int) -> float:
+    """The loss per trained token over ``rows``, with ``model`` in eval mode and no gradients
+    (``loss_sum(batch)`` gives one batch's summed loss); ``model`` is left in training mode."""
+    import torch
+
+    total, tokens = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            batch = collate(rows[start:start + batch_size], pad_id)
+            total += loss_sum(batch).item()
+            tokens += trained_tokens(batch)
+    model.train()
+    return total / max(tokens, 1)

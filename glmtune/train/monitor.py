@@ -178,3 +178,14 @@ def log_window(state, metrics, bar, *, lr: float, steps_per_epoch: int, elapsed:
     log.info("%s", {k: record[k] for k in ("loss", "lr", "epoch")})
     state.window_loss, state.window_tokens, state.window_input_tokens = 0.0, 0, 0
     return loss
+
+
+def log_start(rows: int, total_steps: int, steps_per_epoch: int, cfg, world: int,
+              strategy: str, distributed: bool, predicted=None, steps_left: int = 0) -> None:
+    log.info("training: %d rows, %d optimizer steps (%.2f epochs), effective batch %d",
+             rows, total_steps, total_steps / steps_per_epoch, cfg.batch_size * world * cfg.grad_accum)
+    if predicted is not None:  # plan.speed.StepTime
+        log.info("predicted time: %s", predicted.describe(steps_left))
+    if distributed or strategy != "ddp":
+        log.info("distributed (%s): %d processes x micro-batch %d x accumulation %d",
+                 strategy, world, cfg.batch_size, cfg.grad_accum)

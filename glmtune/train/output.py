@@ -1,15 +1,45 @@
-"""What a training run may do to its output directory, checked before anything loads."""
+"""What a training run may do to its output directory (checked before anything loads), and
+what it reports when it ends."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from glmtune.config import TrainConfig
 from glmtune.errors import GlmtuneError
 from glmtune.train import artifacts, checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    eval_losses: list[tuple[int, float]]
+    train_loss: float | None
+    seconds: float
+    interrupted: str | None = None  # why the run stopped early (stopping.Stopper's reason)
+    resume_flags: str = ""          # options the resumed run should add (a smaller micro-batch)
+
+
+def result(out: Path, state, total_steps: int, seconds: float, train_loss: float | None,
+           reason: str | None = None, resume_flags: str = "") -> TrainResult:
+    """The run's result, said in the log too: how far the loss came, or why it stopped."""
+    losses = [tuple(x) for x in state.eval_losses]
+    if reason:
+        log.warning("stopped at step %d of %d (%s)", state.step, total_steps, reason)
+        return TrainResult(out, state.step, losses, None, seconds, reason, resume_flags)
+    if len(losses) > 1:
+        log.info("validation loss %.4f -> %.4f (%.0f%% lower)", losses[0][1], losses[-1][1],
+                 100 * (1 - losses[-1][1] / losses[0][1]))
+    log.info("done in %.1f s; adapter saved to %s", seconds, out)
+    return TrainResult(out, state.step, losses, train_loss, seconds)
 
 
 def check_output_dir(out: Path, cfg: TrainConfig) -> None:

@@ -16,9 +16,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -27,26 +27,16 @@ from glmtune.data import dataset, sampler
 from glmtune.data.sampler import Sampler
 from glmtune.errors import GlmtuneError
 from glmtune.lock import output_lock
-from glmtune.model import fused, load, lora, tiny_glm
+from glmtune.model import fused, load, lora
 from glmtune.model.family import Family, detect_family, template_override
-from glmtune.plan import Plan, hardware, plan_for_model
+from glmtune.plan import Plan, hardware, plan_for_model, predict_step
 from glmtune.plan.hardware import GB
-from glmtune.train import artifacts, checkpoint, distributed, faults, monitor, output, stopping
-from glmtune.train.loss import summed_loss
+from glmtune.train import artifacts, checkpoint, distributed, faults, monitor, output, schedule, stopping
+from glmtune.train.loss import mean_loss, summed_loss, trained_tokens
+from glmtune.train.output import TrainResult
 from glmtune.train.stopping import Stopper
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainResult:
-    output_dir: Path
-    steps: int
-    eval_losses: list[tuple[int, float]]
-    train_loss: float | None
-    seconds: float
-    interrupted: str | None = None  # why the run stopped early (stopping.Stopper's reason)
-    resume_flags: str = ""          # options the resumed run should add (a smaller micro-batch)
 
 
 class FineTuner:
@@ -86,11 +76,7 @@ class FineTuner:
         self.source = load.resolve(cfg.model)
         load.check_remote_code(self.source, cfg.trust_remote_code)
         hw = hardware.detect()
-        self.strategy = distributed.resolve_strategy(cfg.strategy)
-        self.dist = distributed.init(hw.device, sharded=self.strategy in distributed.SHARDED)
-        problems = distributed.strategy_problems(self.strategy, cfg.quant)
-        if problems:
-            raise GlmtuneError("; ".join(problems))
+        self.strategy, self.dist = distributed.start(cfg.strategy, cfg.quant, hw.device)
         if not self.dist.is_main:  # one copy of the logs is enough
             logging.getLogger("glmtune").setLevel(logging.WARNING)
         log.info("hardware:\n  %s", hardware.describe(hw).replace("\n", "\n  "))
@@ -118,10 +104,6 @@ class FineTuner:
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-        if self.train_embeddings:
-            log.info("training embeddings and LM head too"
-                     + (" (tiny-glm's base is random: LoRA alone cannot learn on it)"
-                        if tiny_glm.is_tiny(self.source.path) else ""))
         torch.manual_seed(cfg.seed)  # LoRA's A matrices are drawn here: same seed, same start
         model = lora.attach_lora(
             model, self.family, r=cfg.lora_r, alpha=cfg.effective_lora_alpha,
@@ -131,19 +113,14 @@ class FineTuner:
             model.to(torch.device(plan.device))
         if cfg.neftune_alpha:
             lora.add_embedding_noise(model, cfg.neftune_alpha)
-        if cfg.fused if cfg.fused is not None else plan.device == "cpu":
-            self.fused_head = self._install_fast_path(model)
+        if not (cfg.fused if cfg.fused is not None else plan.device == "cpu"):
+            return model
+        if self.strategy == "zero3":  # ZeRO-3 gathers each weight in its own module's forward
+            log.info("fast path off under DeepSpeed ZeRO-3 (its kernels read across modules)")
+        else:
+            self.fused_head, parts = fused.install(model)
+            log.info("fast path: fused %s", ", ".join(parts) or "nothing (reference layers here)")
         return model
-
-    def _install_fast_path(self, model):
-        if self.strategy == "zero3":
-            # ZeRO-3 gathers each weight in its module's forward hook; the kernels read
-            # weights across modules, so they would see empty shards
-            log.info("fast path off under DeepSpeed ZeRO-3 (reference layers)")
-            return None
-        head, parts = fused.install(model)
-        log.info("fast path: fused %s", ", ".join(parts) or "nothing (reference layers for this model)")
-        return head
 
     def _setup_data(self):
         cfg = self.config
@@ -211,8 +188,9 @@ class _Run:
         self.train_model, self.optimizer = self._setup_optimizer()
         # after wrapping: FSDP replaces the parameters with sharded ones
         self.params = self._trainable()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.grad_norm: float | None = None
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, partial(
+            schedule.warmup_cosine, warmup_steps=int(self.cfg.warmup_ratio * self.total_steps),
+            total_steps=self.total_steps))
         self.last_loss: float | None = None
 
     def _setup_optimizer(self):
@@ -229,26 +207,22 @@ class _Run:
     def _trainable(self) -> list:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def _lr_factor(self, step: int) -> float:
-        """Linear warm-up, then cosine decay to 10% of the peak."""
-        warmup = int(self.cfg.warmup_ratio * self.total_steps)
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        progress = (step - warmup) / max(1, self.total_steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
     # -- fit ------------------------------------------------------------------
     def fit(self) -> TrainResult:
         self._start_or_resume()
-        self._log_start()
+        self.model.train()  # from_pretrained leaves eval mode: no dropout, no checkpointing
+        predicted = predict_step(self.tuner.plan, self.cfg, self.tuner.source.config,
+                                 self.tuner.train_embeddings, *self._sampler().mean_batch_shape())
+        monitor.log_start(len(self.tuner.train_set.rows), self.total_steps, self.steps_per_epoch, self.cfg,
+                          self.dist.world, self.engine.strategy, self.dist.enabled, predicted,
+                          self.total_steps - self.state.step)
         started, stopper = time.perf_counter(), self.tuner.stopper
         self.batches = self._batches()
-        plan, cfg = self.tuner.plan, self.cfg
-        guard = int(plan.budget_bytes * cfg.oom_guard) if plan.budget_bytes and cfg.oom_guard else None
+        cfg, guard = self.cfg, self.tuner.plan.guard_bytes(self.cfg.oom_guard)
         memory_csv = self.out / "memory.csv" if self.dist.is_main else None
         with stopper, monitor.MemoryMonitor(memory_csv, guard) as memory, \
                 contextlib.closing(monitor.progress_bar(self.total_steps, self.state.step)) as bar:
-            window_start, first = time.perf_counter(), self.state.step + 1
+            window_start, first, reason = time.perf_counter(), self.state.step + 1, None
             for step in range(first, self.total_steps + 1):
                 self._optimizer_step(step, timed=cfg.compile and step <= first + 1, first=first)
                 if step % cfg.logging_steps == 0 or step == self.total_steps:
@@ -264,19 +238,20 @@ class _Run:
                 if reason or (step % self.save_every == 0 and step < self.total_steps):
                     self._checkpoint()
                 if reason:
-                    return self._result(time.perf_counter() - started, reason)
-        log.info("peak RSS %.2f GB (memory.csv has the timeline)", memory.peak_rss / GB)
-        self._save()
-        return self._result(time.perf_counter() - started)
+                    break
+        if not reason:
+            log.info("peak RSS %.2f GB (memory.csv has the timeline)", memory.peak_rss / GB)
+            self._save()
+        return output.result(self.out, self.state, self.total_steps, time.perf_counter() - started,
+                             self.last_loss, reason, stopper.flags)
 
     def _optimizer_step(self, step: int, timed: bool, first: int) -> None:
         """One optimizer step over ``grad_accum`` micro-batches, then the schedule and state."""
         started = time.perf_counter()
         pairs = [next(self.batches) for _ in range(self.cfg.grad_accum)]
         micro, rows = [b for b, _ in pairs], sum(n for _, n in pairs)
-        local_tokens = sum(int((b["labels"][:, 1:] != dataset.IGNORE_INDEX).sum()) for b in micro)
-        local_inputs = sum(int(b["attention_mask"].sum()) for b in micro)
-        tokens, inputs = self.dist.sum(local_tokens, local_inputs)
+        tokens, inputs = self.dist.sum(sum(trained_tokens(b) for b in micro),  # summed over ranks
+                                       sum(int(b["attention_mask"].sum()) for b in micro))
         # DDP averages gradients over ranks; scaling by world size turns that into the
         # sum, so the step's gradient is d(total loss / all trained tokens).
         scale = self.dist.world / max(tokens, 1)
@@ -286,18 +261,14 @@ class _Run:
                 part = self._loss_sum(batch)
                 self.engine.backward(part * scale)
             loss_sum += part.item()
-        self.grad_norm = self.engine.step(self.optimizer, self.params, self.cfg.max_grad_norm)
+        grad_norm = self.engine.step(self.optimizer, self.params, self.cfg.max_grad_norm)
         loss_sum = self.dist.sum(loss_sum)[0]
-        stopping.check_finite(step, loss_sum, self.grad_norm, self.out, self.cfg.lr)
+        stopping.check_finite(step, loss_sum, grad_norm, self.out, self.cfg.lr)
         if timed:  # what compiling cost, against a compiled step
             log.info("step %d took %.1f s%s", step, time.perf_counter() - started,
                      " (torch.compile compiling)" if step == first else "")
         self.scheduler.step()
-        st = self.state
-        st.step, st.rows_seen = step, st.rows_seen + rows
-        st.window_loss += loss_sum
-        st.window_tokens += int(tokens)
-        st.window_input_tokens += int(inputs)
+        self.state.advance(step, rows, loss_sum, int(tokens), int(inputs))
 
     def _loss_sum(self, batch):
         import torch
@@ -316,32 +287,18 @@ class _Run:
 
     # -- validate -------------------------------------------------------------
     def _validate(self, step: int) -> float:
-        import torch
-
-        rows, pad_id = self.tuner.val_set.rows, self.tuner.tokenizer.pad_token_id
-        total, tokens = 0.0, 0
-        self.model.eval()
-        with torch.no_grad():
-            for start in range(0, len(rows), self.cfg.batch_size):
-                batch = dataset.collate(rows[start:start + self.cfg.batch_size], pad_id)
-                total += self._loss_sum(batch).item()
-                tokens += int((batch["labels"][:, 1:] != dataset.IGNORE_INDEX).sum())
-        self.model.train()
-        value = total / max(tokens, 1)
-        st = self.state
-        st.eval_losses.append([step, value])
-        if step and (st.best_step is None or value < dict(map(tuple, st.eval_losses))[st.best_step]):
-            st.best_step = step
+        value = mean_loss(self.model, self._loss_sum, self.tuner.val_set.rows, self.cfg.batch_size,
+                          self.tuner.tokenizer.pad_token_id)
+        self.state.record_eval(step, value)
         self.metrics.write({"step": step, "eval_loss": round(value, 5)})
         log.info("%s", {"eval_loss": round(value, 4), "step": step})
         return value
 
     # -- save -----------------------------------------------------------------
     def _checkpoint(self) -> None:
-        protect = {self.state.best_step} if self.cfg.save_best and self.state.best_step else set()
         checkpoint.save_run(self.out, self.state, self.model, self.optimizer, self.scheduler,
                             engine=self.engine, dist=self.dist, keep=self.cfg.save_total_limit,
-                            protect=protect)
+                            keep_best=self.cfg.save_best)
 
     def _save(self) -> None:
         """The adapter (rank 0, gathered from every rank), then the loss plot."""
@@ -353,19 +310,6 @@ class _Run:
                 artifacts.plot_losses(self.metrics.records, self.out / "loss.png")
         self.dist.barrier()
 
-    def _result(self, seconds: float, reason: str | None = None) -> TrainResult:
-        st, stopper = self.state, self.tuner.stopper
-        losses = [tuple(x) for x in st.eval_losses]
-        if reason:
-            log.warning("stopped at step %d of %d (%s)", st.step, self.total_steps, reason)
-            return TrainResult(self.out, st.step, losses, None, seconds, reason, stopper.flags)
-        if len(losses) > 1:
-            log.info("validation loss %.4f -> %.4f (%.0f%% lower)", losses[0][1], losses[-1][1],
-                     100 * (1 - losses[-1][1] / losses[0][1]))
-        log.info("done in %.1f s; adapter saved to %s", seconds, self.out)
-        return TrainResult(self.out, st.step, losses, self.last_loss, seconds)
-
-    # -- helpers --------------------------------------------------------------
     def _start_or_resume(self) -> None:
         state = checkpoint.restore(self.out, self.cfg.resume, self._config_record(),
                                    override=self.cfg.resume_override, model=self.model,
@@ -375,28 +319,13 @@ class _Run:
             self.state = state
             self.metrics.truncate_after(state.step)
             return
-        # --overwrite of an earlier run: its checkpoints must not be resumed into this one
-        if self.dist.is_main:
-            for _, old in checkpoint.list_checkpoints(self.out):
-                shutil.rmtree(old)
-            self.out.mkdir(parents=True, exist_ok=True)
-            self.metrics.reset()
-        self.dist.barrier()
+        checkpoint.start_fresh(self.out, self.dist)
+        self.metrics.reset()
         if self.tuner.val_set:
             self._validate(step=0)
 
-    def _config_record(self) -> dict:
-        """What a checkpoint records of the run: the config and how many processes ran it."""
+    def _config_record(self) -> dict:  # what a checkpoint records of the run
         return {**self.cfg.to_dict(), "world_size": self.dist.world}
-
-    def _log_start(self) -> None:
-        cfg = self.cfg
-        log.info("training: %d rows, %d optimizer steps (%.2f epochs), effective batch %d",
-                 len(self.tuner.train_set.rows), self.total_steps,
-                 self.total_steps / self.steps_per_epoch, cfg.batch_size * self.dist.world * cfg.grad_accum)
-        if self.dist.enabled or self.engine.strategy != "ddp":
-            log.info("distributed (%s): %d processes x micro-batch %d x accumulation %d",
-                     self.engine.strategy, self.dist.world, cfg.batch_size, cfg.grad_accum)
 
     def _sampler(self) -> Sampler:
         cfg = self.cfg

@@ -182,3 +182,22 @@ def test_trained_tied_embeddings_stay_tied(tiny_model, triplet_dir, tmp_path):
     embed = tuner.model.get_input_embeddings().modules_to_save["default"].weight
     head = tuner.model.get_output_embeddings().modules_to_save["default"].weight
     assert embed.data_ptr() == head.data_ptr()
+
+
+@pytest.mark.parametrize("val_data", ["auto", ""])
+def test_every_step_runs_in_training_mode(val_data, tiny_model, triplet_dir, tmp_path):
+    """Dropout and gradient checkpointing act only in training mode, and from_pretrained
+    returns a model in eval mode. A run without validation data once trained in eval mode
+    throughout: no dropout, and checkpointing silently off (6B at 4-bit: 2.2 GB over plan)."""
+    modes = []
+
+    def record(step, tuner):
+        modules = list(tuner.model.modules())
+        modes.append((sum(m.training for m in modules) == len(modules),
+                      tuner.model.get_base_model().model.gradient_checkpointing))
+
+    FineTuner(TrainConfig(model=str(tiny_model), data=str(triplet_dir / "train_triplet.jsonl"),
+                          output_dir=str(tmp_path / "o"), max_steps=2, batch_size=2, val_data=val_data,
+                          max_samples=8, lora_dropout=0.1, gradient_checkpointing=True),
+              callbacks=[record]).train()
+    assert modes == [(True, True), (True, True)]

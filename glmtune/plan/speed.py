@@ -1,0 +1,153 @@
+"""Predict how long a training step takes, before loading anything.
+
+A LoRA step on a frozen base is mostly the base's matrix multiplications: the
+forward pass, the gradient with respect to each layer's input (frozen weights
+get no gradient of their own) and, with gradient checkpointing, the forward
+again. So the prediction is those multiplications' floating-point operations
+divided by the rate this machine reaches *at the run's own matrix shapes*,
+measured here in a fraction of a second (small matrices run far below the
+peak), plus what is not a matrix multiplication:
+
+- quantized bases dequantize every weight once per pass (measured too: on a
+  CPU it is often slower than the multiplication it feeds);
+- elementwise work (norms, rotary, activations, residuals, casts), proportional
+  to tokens × hidden size × layers;
+- a fixed cost per layer and pass (operator dispatch, autograd), which is what
+  small models are made of.
+
+The last two constants are fitted (``make bench-memory``, the default job); the
+rest is measured. ``train`` replaces the prediction by the measured step time
+after its first steps.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+
+from glmtune.plan.estimate import Settings, Shape
+
+# fitted: elementwise seconds per (token x hidden unit x layer x pass), in units of
+# the time one fp32 multiply-add takes at the measured matmul rate
+_ELEMENTWISE_FLOPS = 60
+# fitted: fixed seconds per layer and pass (a few dozen operators, their autograd records)
+_LAYER_OVERHEAD_S = 0.6e-3
+# fitted: fixed seconds per optimizer step (data, logging, the optimizer's kernel launches)
+_STEP_OVERHEAD_S = 5e-3
+
+
+@dataclass(frozen=True)
+class StepTime:
+    matmul: float     # seconds: frozen-base and head multiplications, attention
+    dequant: float    # seconds: quantized weights turned back into the compute dtype
+    other: float      # seconds: elementwise work and fixed costs
+    tokens: int       # tokens per optimizer step the prediction is for
+
+    @property
+    def seconds(self) -> float:
+        return self.matmul + self.dequant + self.other
+
+    def describe(self, steps: int | None = None) -> str:
+        text = (f"{self.seconds:.2f} s/step (matmul {self.matmul:.2f}, dequantize {self.dequant:.2f}, "
+                f"other {self.other:.2f}; {self.tokens / max(self.seconds, 1e-9):.0f} tokens/s)")
+        if steps:
+            text += f", {steps} steps ≈ {format_duration(self.seconds * steps)}"
+        return text
+
+
+def format_duration(seconds: float) -> str:
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    return f"{minutes} min {secs:02d} s" if minutes else f"{secs} s"
+
+
+def _best_time(fn, budget_s: float = 0.15, repeats: int = 3) -> float:
+    fn()  # first call: kernels chosen, memory touched
+    best = float("inf")
+    deadline = time.perf_counter() + budget_s
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - started)
+        if time.perf_counter() > deadline:
+            break
+    return best
+
+
+@lru_cache(maxsize=32)
+def matmul_rate(tokens: int, k: int, n: int, dtype: str, device: str = "cpu") -> float:
+    """FLOP/s of ``[tokens, k] @ [k, n]`` in ``dtype`` here, now (cached per shape).
+
+    ``tokens`` and ``n`` are capped so measuring a 6B model's widest layer allocates
+    tens of MB and takes a fraction of a second; the rate hardly changes beyond.
+    """
+    import torch
+
+    tokens, n = min(tokens, 1024), min(n, max(256, (8 << 20) // max(k, 1)))
+    kind = getattr(torch, dtype)
+    x = torch.randn(tokens, k, dtype=kind, device=device)
+    w = torch.randn(n, k, dtype=kind, device=device)
+
+    def run():
+        torch.nn.functional.linear(x, w)
+        if device != "cpu":
+            torch.cuda.synchronize()
+
+    return 2 * tokens * k * n / _best_time(run)
+
+
+@lru_cache(maxsize=4)
+def dequant_rate(quant: str, dtype: str) -> float:
+    """Parameters per second bitsandbytes dequantizes here (0 when it is not installed)."""
+    try:
+        import torch
+        from bitsandbytes import functional as bnb
+    except ImportError:
+        return 0.0
+    weight = torch.randn(4096, 4096, dtype=getattr(torch, dtype))
+    if quant == "8bit":
+        quantized, state = bnb.quantize_blockwise(weight)
+        seconds = _best_time(lambda: bnb.dequantize_blockwise(quantized, state))
+    else:
+        quantized, state = bnb.quantize_4bit(weight, quant_type="nf4", compress_statistics=True)
+        seconds = _best_time(lambda: bnb.dequantize_4bit(quantized, state))
+    return weight.numel() / seconds
+
+
+def step_time(shape: Shape, s: Settings, *, tokens: int, seq_len: int, micro_batches: int = 1,
+              compute_dtype: str = "float32") -> StepTime:
+    """Seconds of one optimizer step of ``micro_batches`` passes of ``tokens`` tokens each
+    (sequences of ``seq_len``), on a CPU, with the fast path."""
+    passes = 3 if s.gradient_checkpointing else 2  # forward, input gradient, recompute
+    h = shape.hidden
+    # one token's multiply-adds in the blocks: attention projections and the MLP that runs
+    attention_params = sum(i * o for i, o in shape._attention_outputs())
+    mlp_params = 3 * h * shape.active_intermediate  # summed over layers
+    block_flops = 2 * tokens * (shape.layers * attention_params + mlp_params)
+    head_flops = 2 * tokens * shape.vocab * h  # only trained positions reach it; bounded by all
+    attention_flops = 4 * tokens * seq_len * shape.heads * shape.head_dim * shape.layers
+    lora_flops = 6 * tokens * shape.lora_params(s.lora_r, s.lora_experts)
+
+    mlp_rate = matmul_rate(tokens, h, shape.intermediate or h, compute_dtype)
+    attn_rate = matmul_rate(tokens, h, shape.heads * shape.head_dim, compute_dtype)
+    block_rate = ((shape.layers * attention_params + mlp_params)
+                  / (shape.layers * attention_params / attn_rate + mlp_params / mlp_rate))
+    head_passes = 3 if s.train_embeddings else 2  # + the head's own weight gradient
+    matmul = (passes * block_flops / block_rate + head_passes * head_flops / mlp_rate
+              + (passes + 1) * attention_flops / attn_rate + lora_flops / attn_rate)
+
+    dequant = 0.0
+    if s.quant != "none":
+        rate = dequant_rate(s.quant, compute_dtype)
+        dequant = passes * shape.linear_params / rate if rate else 0.0
+
+    multiply_add_s = 2 / mlp_rate
+    elementwise = _ELEMENTWISE_FLOPS * multiply_add_s * tokens * h * shape.layers * passes
+    fixed = _LAYER_OVERHEAD_S * shape.layers * passes
+    other = micro_batches * (elementwise + fixed) + _STEP_OVERHEAD_S
+    return StepTime(matmul=micro_batches * matmul, dequant=micro_batches * dequant, other=other,
+                    tokens=tokens * micro_batches)
