@@ -219,6 +219,8 @@ def _fit_memory(plan: Plan, config: TrainConfig, hw: Hardware, model_config: dic
         plan.changes.append(f"{note} to fit the {budget / GB:.2f} GB budget "
                             f"(predicted {current.peak / GB:.2f} -> {trial.peak / GB:.2f} GB)")
         config, current = candidate, trial
+    if plan.device == "cpu" and config.quant != "none" and current.peak <= budget:
+        config, current = _fewer_micro_batches(plan, config, current, predict, budget)
     plan.quant = config.quant
     plan.predicted = current
     if current.peak > budget:
@@ -253,6 +255,29 @@ def _shrink_steps(config: TrainConfig):
     while c.max_seq_len > MIN_SEQ_LEN:
         c = replace(c, max_seq_len=max(MIN_SEQ_LEN, c.max_seq_len // 2))
         yield c, f"max_seq_len -> {c.max_seq_len} (longer rows are truncated)"
+
+
+def _fewer_micro_batches(plan: Plan, config: TrainConfig, current: est.Estimate, predict,
+                         budget: int) -> tuple[TrainConfig, est.Estimate]:
+    """A quantized base is dequantized whole for every micro-batch (forward, backward and
+    the recomputation): on a CPU that costs more than the matmuls of a short micro-batch
+    (measured: ChatGLM3-6B at 4-bit, 1 x 128 tokens, 3 dequantizations of 16 s each). Fewer,
+    larger micro-batches of the same effective batch pay it less often; the loss is the mean
+    over the step's tokens either way, so the update is the same."""
+    start = config
+    while config.grad_accum % 2 == 0:
+        candidate = replace(config, batch_size=config.batch_size * 2, grad_accum=config.grad_accum // 2)
+        trial = predict(candidate)
+        if trial.peak > budget:
+            break
+        config, current = candidate, trial
+    if config is not start:
+        plan.changes.append(
+            f"micro-batch {start.batch_size} -> {config.batch_size}, accumulation {start.grad_accum} "
+            f"-> {config.grad_accum} (same effective batch): the {config.quant} base is dequantized "
+            "once per micro-batch, so fewer, larger ones are faster "
+            f"(predicted {current.peak / GB:.2f} GB)")
+    return config, current
 
 
 def halve_batch(c: TrainConfig) -> TrainConfig:

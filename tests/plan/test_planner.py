@@ -114,3 +114,19 @@ def test_memory_limit_is_shared_by_processes_on_one_cpu():
 
     assert memory_budget(TrainConfig(memory_limit=8.0), cpu(16), processes=2) == 4 * GB
     assert memory_budget(TrainConfig(memory_limit=8.0), gpu(24), processes=2) == 8 * GB
+
+
+@pytest.mark.parametrize("quant, batch, accum, ram, expected", [
+    ("4bit", 1, 16, 16, (16, 1)),   # room for the whole effective batch at once
+    ("4bit", 1, 16, 9, (8, 2)),     # as many as the budget holds
+    ("4bit", 2, 3, 16, (2, 3)),     # an odd accumulation cannot be halved: left alone
+    ("none", 1, 16, 64, (1, 16)),   # dequantization is what this saves: unquantized bases keep theirs
+])
+def test_quantized_cpu_runs_take_fewer_larger_micro_batches(quant, batch, accum, ram, expected):
+    config = TrainConfig(quant=quant, batch_size=batch, grad_accum=accum, max_seq_len=64,
+                         gradient_checkpointing=True)
+    plan, fitted = make_plan(config, cpu(ram, bf16=False), CHATGLM3)
+    assert (fitted.batch_size, fitted.grad_accum) == expected
+    assert fitted.batch_size * fitted.grad_accum == batch * accum
+    assert plan.predicted.peak <= plan.budget_bytes
+    assert any("dequantized once per micro-batch" in c for c in plan.changes) == (expected != (batch, accum))
