@@ -212,6 +212,7 @@ def child(spec: dict) -> dict:
             "load_peak_gb": round(load_peak, 3), "predicted_load_gb": round(predicted.load_peak / 2**30, 3),
             "predicted_train_gb": round(predicted.train_peak / 2**30, 3),
             "s_per_step": round(sum(step_times) / max(len(step_times), 1), 2),
+            "predicted_s_per_step": round(tuner.plan.step_time.seconds, 2) if tuner.plan.step_time else None,
             "seconds": round(time.perf_counter() - started, 1)}
 
 

@@ -168,7 +168,8 @@ def child_glmtune(spec: dict) -> dict:
     config = TrainConfig(model=spec["model"], data=spec["data"], val_data="", batch_size=BATCH,
                          max_seq_len=SEQ, lora_r=LORA_R, max_steps=steps, logging_steps=1,
                          train_embeddings="false", output_dir=spec["out"], overwrite=True,
-                         save_steps=10_000, compile=spec.get("compile", False))
+                         save_steps=10_000, compile=spec.get("compile", False),
+                         packing=spec.get("packing", False))
     tuner = FineTuner(config)
     tuner.train()
     cfg = tuner.config  # as planned for this machine
@@ -185,6 +186,7 @@ def child_glmtune(spec: dict) -> dict:
             "tok_s": round(tok_s, 1), "eff_tok_s": round(eff_tok_s, 1),
             "first_step_s": round(records[0]["tokens"] / records[0]["tokens_per_s"], 1),
             "plan": tuner.plan.describe(), "bf16": bool(tuner.plan.bf16),
+            "predicted_step_s": round(tuner.plan.step_time.seconds, 3) if tuner.plan.step_time else None,
             "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
             "rss_gb": round(peak_rss_gb(), 3)}
 
@@ -228,6 +230,9 @@ def main() -> int:
     import torch
     import transformers
 
+    from glmtune.plan import hardware
+
+    native_bf16 = hardware.detect().bf16
     model_dir = build_random_glm(MODEL)
     n_linear = linear_params(model_dir)
     print(f"GLM-241M {SHAPES[MODEL]} at {model_dir}: {n_linear / 1e6:.1f} M parameters in Linear layers",
@@ -244,8 +249,10 @@ def main() -> int:
         print(f"== {scenario}: {len(rows)} rows, mean {mean_len:.1f} tokens (max {SEQ})", flush=True)
         runs = [("A", "hf", {"bf16": False}), ("B", "hf", {"bf16": True}),
                 ("C", "glmtune", {"data": str(path)})]
-        if avx2:
+        if avx2 or not native_bf16:  # nobody would pick Trainer bf16 there
             runs.pop(1)
+        if scenario == "variable":
+            runs.append(("C+packing", "glmtune", {"data": str(path), "packing": True}))
         if os.environ.get("BENCH_COMPILE") == "1" and scenario == "fixed":
             runs.append(("C+compile", "glmtune", {"data": str(path), "compile": True}))
         for name, kind, extra in runs:
@@ -281,6 +288,14 @@ def main() -> int:
         print(f"| {k}. {names[k]} | {f(k)['tok_s']:.0f} | {f(k)['tok_s'] / f('A')['tok_s']:.2f}× "
               f"| {100 * frac[k]:.1f} % | {f(k)['rss_gb']:.2f} | {v(k)['eff_tok_s']:.0f} "
               f"| {v(k)['eff_tok_s'] / v('A')['eff_tok_s']:.2f}× |")
+    packed = results.get("variable-C+packing")
+    if packed:
+        print(f"packing (variable set): C {v('C')['eff_tok_s']:.0f} -> {packed['eff_tok_s']:.0f} effective "
+              f"tok/s ({packed['eff_tok_s'] / v('C')['eff_tok_s']:.2f}×)")
+    measured_step = statistics.median(f("C")["step_s"])
+    if f("C").get("predicted_step_s"):
+        print(f"plan's predicted step (fixed set, C): {f('C')['predicted_step_s']:.3f} s, measured median "
+              f"{measured_step:.3f} s ({100 * (f('C')['predicted_step_s'] / measured_step - 1):+.0f} %)")
     result = {
         "machine": f"{_cpu_name()}, {os.cpu_count()} cores", "isa_cap": "avx2" if avx2 else None,
         "steps": steps, "warmup": WARMUP, "n_linear": n_linear,
@@ -296,6 +311,8 @@ def main() -> int:
            for k in kinds if k != "C"},
         **({"tok_s_C_compile": f("C+compile")["tok_s"],
             "compile_first_step_s": f("C+compile")["first_step_s"]} if "fixed-C+compile" in results else {}),
+        "eff_tok_s_C_packing": packed["eff_tok_s"] if packed else None,
+        "predicted_step_s_C": f("C").get("predicted_step_s"), "measured_step_s_C": measured_step,
         "seconds": round(time.perf_counter() - started, 1),
     }
     print("RESULT " + json.dumps(result))
