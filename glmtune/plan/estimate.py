@@ -145,6 +145,7 @@ class Shape:
         attention = sum(i * o for i, o in self._attention_outputs())
         dense = 3 * self.hidden * self.intermediate if self.dense_layers else 0
         moe = (3 * self.hidden * (self._shared_intermediate + self.experts * self.moe_intermediate)
+               + self.experts * self.hidden  # the router, gathered with the layer
                if self.moe_layers else 0)
         return attention + max(dense, moe)
 
