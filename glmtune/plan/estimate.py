@@ -61,6 +61,9 @@ class Shape:
     qk_rope_dim: int = 0
     v_head_dim: int = 0
     gated_mlp: bool = True  # gate, up and down projections; False: up and down only
+    # How the Linear layers LoRA adapts are cut (each gets its own A and B):
+    fused_qkv: bool = False     # one query_key_value (ChatGLM-6B), not q_proj / k_proj / v_proj
+    fused_gate_up: bool = True  # one gate_up_proj (GLM, GLM-4, ChatGLM2/3), not gate / up_proj
 
     @property
     def dense_layers(self) -> int:
@@ -113,19 +116,23 @@ class Shape:
     def lora_params(self, rank: int, experts: bool = False) -> int:
         """LoRA A+B over attention, dense MLP and shared experts (the default targets), and
         with ``experts`` the routed experts' fused weights (rank per expert, as PEFT does)."""
-        if self.kv_lora_rank:
-            attention = sum(i + o for i, o in self._attention_outputs())
-        else:  # q, k and v read the same input: counted once, as for ChatGLM's fused qkv
+        if self.fused_qkv:  # one A reads the input for q, k and v
             q_out, kv_out = self.heads * self.head_dim, 2 * self.kv_heads * self.head_dim
             attention = (self.hidden + q_out + kv_out) + (q_out + self.hidden)
+        else:
+            attention = sum(i + o for i, o in self._attention_outputs())
 
-        def mlp(inter: int, gated: bool = True) -> int:  # gate_up (or up), down
-            return (self.hidden + (2 if gated else 1) * inter) + (inter + self.hidden)
+        def mlp(inter: int, gated: bool = True, fused: bool = self.fused_gate_up) -> int:
+            if not gated:  # up, down
+                return 2 * (self.hidden + inter)
+            if fused:  # gate_up, down
+                return (self.hidden + 2 * inter) + (inter + self.hidden)
+            return 3 * (self.hidden + inter)  # gate, up, down
 
         total = (self.layers * attention + self.dense_layers * mlp(self.intermediate, self.gated_mlp)
                  + self.moe_layers * mlp(self._shared_intermediate))
-        if experts:
-            total += self.moe_layers * self.experts * mlp(self.moe_intermediate)
+        if experts:  # the routed experts' weights are fused gate_up and down in every MoE GLM
+            total += self.moe_layers * self.experts * mlp(self.moe_intermediate, fused=True)
         return rank * total
 
     @property
@@ -214,7 +221,8 @@ def shape_from_config(config: dict[str, Any]) -> Shape:
         vocab=_get(config, "padded_vocab_size", "vocab_size"), heads=heads, kv_heads=kv_heads,
         # ChatGLM-6B's config.json leaves tie_word_embeddings out and its model ties them
         head_dim=head_dim, tied_embeddings=bool(config.get("tie_word_embeddings", v1)),
-        gated_mlp=not v1, **moe, **mla)
+        gated_mlp=not v1, fused_qkv=v1,
+        fused_gate_up=config.get("model_type") in ("glm", "glm4", "chatglm"), **moe, **mla)
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2,
