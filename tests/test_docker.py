@@ -10,6 +10,7 @@ and `docker stop`'s SIGTERM reaches glmtune exactly once through make.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -336,36 +337,136 @@ def test_docker_targets_build_then_run_the_services(tmp_path):
 
 # ------------------------------------------------------------- docker stop
 SIGNAL_STUB = """\
-import os, signal, sys, time
-got = []
-signal.signal(signal.SIGTERM, lambda *_: got.append(1))
-open(os.environ["READY"], "w").write(" ".join(sys.argv[1:]))
-deadline = time.monotonic() + 30
-while not got and time.monotonic() < deadline:
-    time.sleep(0.05)
-time.sleep(0.5)  # long enough for a second signal to arrive, if one is coming
-open(os.environ["GOT"], "w").write(str(len(got)))
+import os, signal, sys
+
+def write(name, text):
+    with open(os.environ[name] + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(os.environ[name] + ".tmp", os.environ[name])
+
+# Taken with sigtimedwait, not a handler: a SIGTERM is counted however late it comes, for as
+# long as the stub lives. SIGUSR1 is the test's word that nothing upstream can send more.
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
+write("READY", f"{os.getpid()} " + " ".join(sys.argv[1:]))
+got = 0
+while True:
+    # the limit only ends a stub orphaned by a failed run
+    taken = signal.sigtimedwait({signal.SIGTERM, signal.SIGUSR1}, 120)
+    if taken is None or taken.si_signo == signal.SIGUSR1:
+        break
+    got += 1
+    write("GOT", str(got))
+if signal.SIGTERM in signal.sigpending():  # SIGUSR1 (10) is handed out before SIGTERM (15)
+    got += 1
+write("GOT", str(got))
 sys.exit(143 if got else 1)
 """
 
 
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2:].split()[1])  # the name may hold spaces and ")"
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if _parent(int(entry.name)) == pid:
+                    found.add(int(entry.name))
+            except (OSError, ValueError, IndexError):
+                pass  # gone while we looked
+    return found
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def _not_waiting_on(top: int, leaf: int) -> str:
+    """Which process from ``top`` down to ``leaf``'s parent is not blocked in wait() on its
+    only child, the next one towards ``leaf``; "" when none: then none of them runs, so none
+    can send ``leaf`` anything more until ``leaf`` exits."""
+    child = leaf
+    while True:
+        try:
+            parent = _parent(child)
+        except (OSError, ValueError, IndexError):
+            return f"process {child} is gone"
+        if parent <= 1:
+            return f"process {leaf} does not descend from make ({top})"
+        where, children = _read(f"/proc/{parent}/wchan"), _children(parent)
+        if where != "do_wait" or children != {child}:
+            return (f"{_read(f'/proc/{parent}/comm')} ({parent}) is in {where or '?'} "
+                    f"with children {sorted(children)}")
+        if parent == top:
+            return ""
+        child = parent
+
+
+def _poll(done, what: str, make, log: Path, why=lambda: "", unseen=lambda: "") -> None:
+    """Until ``done()``; else fail saying ``what`` (and ``why()``) when make ends first or
+    after 30 s (a bound on a failing run: nothing here is timed). ``unseen()``: a reason to
+    skip instead, when what was waited for is something this machine cannot show."""
+    deadline = time.monotonic() + 30
+    while not done():
+        if make.poll() is not None:
+            pytest.fail(f"{what}: make ended ({make.returncode}): {log.read_text()}")
+        if time.monotonic() > deadline:
+            if unseen():
+                pytest.skip(unseen())
+            pytest.fail(f"{what} within 30 s: {why()}")
+        time.sleep(0.02)
+
+
+@pytest.mark.skipif(not Path("/proc/self/wchan").exists(),
+                    reason="tells a process waiting for its child from /proc (Linux)")
 def test_sigterm_to_make_reaches_glmtune_exactly_once(tmp_path):
     # In the container tini hands docker stop's SIGTERM to make (PID 1's only
     # child); make must pass it on to glmtune, and only once: glmtune takes a
     # second signal as "abort without saving a checkpoint".
     stub = tmp_path / "glmtune_stub.py"
     stub.write_text(SIGNAL_STUB)
-    ready, got = tmp_path / "ready", tmp_path / "got"
+    ready, got, log = tmp_path / "ready", tmp_path / "got", tmp_path / "make.log"
     assert " " not in f"{sys.executable}{stub}"  # make must exec it directly, as in the image
-    proc = run_make("train", f"GLMTUNE={sys.executable} {stub}", "DATA=mine.jsonl", cwd=tmp_path,
-                    env={"READY": str(ready), "GOT": str(got)},
-                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
-        time.sleep(0.05)
-    assert ready.read_text() == "train --from-make"
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=30)
-    assert got.read_text() == "1"
-    assert proc.returncode != 0  # docker sees the stop, not a success
+    with open(log, "w") as out:  # a file, not a pipe: an orphaned stub cannot hold it open
+        make = run_make("train", f"GLMTUNE={sys.executable} {stub}", "DATA=mine.jsonl",
+                        cwd=tmp_path, env={"READY": str(ready), "GOT": str(got)},
+                        stdout=out, stderr=subprocess.STDOUT)
+    glmtune = None
+    try:
+        _poll(ready.exists, "glmtune did not start", make, log)
+        pid, argv = ready.read_text().split(" ", 1)
+        glmtune = int(pid)
+        assert argv == "train --from-make"
+
+        # make forwards from its signal handler, then waits for its child again: once each
+        # process on the way to glmtune is back in wait(), all have had their say
+        def settled():
+            return not _not_waiting_on(make.pid, glmtune)
+
+        def unsettled():
+            return _not_waiting_on(make.pid, glmtune)
+
+        _poll(settled, "make is not waiting on glmtune", make, log, why=unsettled,
+              unseen=lambda: "" if _read(f"/proc/{make.pid}/wchan") not in ("", "0") else
+              "this kernel does not say where a process sleeps (/proc/PID/wchan reads 0)")
+        make.send_signal(signal.SIGTERM)
+        _poll(got.exists, "the SIGTERM did not reach glmtune", make, log)
+        _poll(settled, "make did not go back to waiting on glmtune after the SIGTERM", make, log,
+              why=unsettled)
+        os.kill(glmtune, signal.SIGUSR1)
+        make.wait(timeout=30)
+        assert got.read_text() == "1", "glmtune got more than one SIGTERM"
+        assert make.returncode != 0  # docker sees the stop, not a success
+    finally:  # a failed run leaves no stub or make behind
+        if glmtune is not None and str(stub) in _read(f"/proc/{glmtune}/cmdline"):
+            with contextlib.suppress(ProcessLookupError):  # it may end meanwhile
+                os.kill(glmtune, signal.SIGKILL)
+        if make.poll() is None:
+            make.kill()
+        make.wait(timeout=30)

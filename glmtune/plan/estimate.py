@@ -40,6 +40,7 @@ class Shape:
     whose MLP is ``experts`` routed experts of ``moe_intermediate`` each, ``experts_per_token``
     of them run per token, plus ``shared_experts`` that always run. GLM-4.7-Flash's
     multi-head latent attention (MLA) adds the low ranks ``q_lora_rank`` / ``kv_lora_rank``.
+    ChatGLM-6B (v1) has a GELU MLP (``gated_mlp`` false): two matrices, not three.
     """
 
     hidden: int
@@ -59,10 +60,18 @@ class Shape:
     kv_lora_rank: int = 0  # MLA when > 0
     qk_rope_dim: int = 0
     v_head_dim: int = 0
+    gated_mlp: bool = True  # gate, up and down projections; False: up and down only
+    # How the Linear layers LoRA adapts are cut (each gets its own A and B):
+    fused_qkv: bool = False     # one query_key_value (ChatGLM-6B), not q_proj / k_proj / v_proj
+    fused_gate_up: bool = True  # one gate_up_proj (GLM, GLM-4, ChatGLM2/3), not gate / up_proj
 
     @property
     def dense_layers(self) -> int:
         return self.layers - self.moe_layers
+
+    @property
+    def _dense_mlp_params(self) -> int:
+        return (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
 
     def _attention_outputs(self) -> list[tuple[int, int]]:
         """(in, out) of each attention projection of one layer."""
@@ -87,7 +96,7 @@ class Shape:
         attention, dense MLPs (gate, up, down) and shared experts. Routed experts are 3-D
         parameters, not Linear layers: see expert_params."""
         attention = sum(i * o for i, o in self._attention_outputs())
-        return (self.layers * attention + self.dense_layers * 3 * self.hidden * self.intermediate
+        return (self.layers * attention + self.dense_layers * self._dense_mlp_params
                 + self.moe_layers * 3 * self.hidden * self._shared_intermediate)
 
     @property
@@ -107,19 +116,23 @@ class Shape:
     def lora_params(self, rank: int, experts: bool = False) -> int:
         """LoRA A+B over attention, dense MLP and shared experts (the default targets), and
         with ``experts`` the routed experts' fused weights (rank per expert, as PEFT does)."""
-        if self.kv_lora_rank:
-            attention = sum(i + o for i, o in self._attention_outputs())
-        else:  # q, k and v read the same input: counted once, as for ChatGLM's fused qkv
+        if self.fused_qkv:  # one A reads the input for q, k and v
             q_out, kv_out = self.heads * self.head_dim, 2 * self.kv_heads * self.head_dim
             attention = (self.hidden + q_out + kv_out) + (q_out + self.hidden)
+        else:
+            attention = sum(i + o for i, o in self._attention_outputs())
 
-        def mlp(inter: int) -> int:  # gate_up, down
-            return (self.hidden + 2 * inter) + (inter + self.hidden)
+        def mlp(inter: int, gated: bool = True, fused: bool = self.fused_gate_up) -> int:
+            if not gated:  # up, down
+                return 2 * (self.hidden + inter)
+            if fused:  # gate_up, down
+                return (self.hidden + 2 * inter) + (inter + self.hidden)
+            return 3 * (self.hidden + inter)  # gate, up, down
 
-        total = (self.layers * attention + self.dense_layers * mlp(self.intermediate)
+        total = (self.layers * attention + self.dense_layers * mlp(self.intermediate, self.gated_mlp)
                  + self.moe_layers * mlp(self._shared_intermediate))
-        if experts:
-            total += self.moe_layers * self.experts * mlp(self.moe_intermediate)
+        if experts:  # the routed experts' weights are fused gate_up and down in every MoE GLM
+            total += self.moe_layers * self.experts * mlp(self.moe_intermediate, fused=True)
         return rank * total
 
     @property
@@ -143,8 +156,9 @@ class Shape:
     def layer_weight_params(self) -> int:
         """Parameters of the largest decoder layer: what FSDP / ZeRO-3 gather at once."""
         attention = sum(i * o for i, o in self._attention_outputs())
-        dense = 3 * self.hidden * self.intermediate if self.dense_layers else 0
+        dense = self._dense_mlp_params if self.dense_layers else 0
         moe = (3 * self.hidden * (self._shared_intermediate + self.experts * self.moe_intermediate)
+               + self.experts * self.hidden  # the router, gathered with the layer
                if self.moe_layers else 0)
         return attention + max(dense, moe)
 
@@ -165,6 +179,14 @@ def _moe_layers(config: dict[str, Any], layers: int) -> int:
     if kinds:
         return sum(kind == "sparse" for kind in kinds)
     return layers - int(config.get("first_k_dense_replace", 0))
+
+
+def _chatglm1(config: dict[str, Any]) -> bool:
+    """ChatGLM-6B's config.json (as glmtune.model.chatglm.detect tells, which plan/ does not
+    import): ``position_encoding_2d``, or older still, neither of the v2 keys."""
+    return config.get("model_type") == "chatglm" and (
+        "position_encoding_2d" in config
+        or not ("multi_query_attention" in config or "kv_channels" in config))
 
 
 def shape_from_config(config: dict[str, Any]) -> Shape:
@@ -191,13 +213,16 @@ def shape_from_config(config: dict[str, Any]) -> Shape:
                    experts_per_token=int(config.get("num_experts_per_tok", 1)),
                    shared_experts=int(config.get("n_shared_experts", 0)),
                    moe_intermediate=int(config["moe_intermediate_size"]))
+    v1 = _chatglm1(config)
     return Shape(
         hidden=hidden, layers=layers,
         intermediate=_get(config, "intermediate_size", "ffn_hidden_size", "inner_hidden_size",
                           default=4 * hidden),
         vocab=_get(config, "padded_vocab_size", "vocab_size"), heads=heads, kv_heads=kv_heads,
-        head_dim=head_dim, tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-        **moe, **mla)
+        # ChatGLM-6B's config.json leaves tie_word_embeddings out and its model ties them
+        head_dim=head_dim, tied_embeddings=bool(config.get("tie_word_embeddings", v1)),
+        gated_mlp=not v1, fused_qkv=v1,
+        fused_gate_up=config.get("model_type") in ("glm", "glm4", "chatglm"), **moe, **mla)
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2,
