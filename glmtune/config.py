@@ -305,9 +305,7 @@ class PredictConfig(_Schema):
         if self.file and self.out and Path(self.out).suffix.lower() != ".jsonl":
             found.append(f"out: batch answers (--file) are written as JSON Lines; give a .jsonl "
                          f"path, got {self.out!r}")
-        found += _inference_problems(self)
-        if not self.adapter and not self.model:
-            found.append("adapter / model: give an adapter directory, or a --model to run bare")
+        found += _inference_problems(self) + _nothing_to_load(self.adapter, self.model, "run")
         if not self.file and not self.prompt.strip():
             found.append("prompt: must not be empty or only whitespace")
         try:
@@ -341,6 +339,14 @@ def _inference_problems(config) -> list[str]:
         if value is not None and value < 1:
             found.append(f"{name}: must be a positive integer or unset, got {value}")
     return found
+
+
+def _nothing_to_load(adapter, model, verb: str,
+                     adapters: str = "an adapter directory") -> list[str]:
+    """Neither an adapter nor a base model: the command would have nothing to load."""
+    if adapter or model:
+        return []
+    return [f"adapter / model: give {adapters}, or a --model to {verb} bare"]
 
 
 def _choice_problems(config) -> list[str]:
@@ -410,8 +416,7 @@ class EvalConfig(_LoadedModel):
         found = _inference_problems(self)
         if not self.data.strip():
             found.append("data: must not be empty")
-        if not self.adapter and not self.model:
-            found.append("adapter / model: give an adapter directory, or a --model to score bare")
+        found += _nothing_to_load(self.adapter, self.model, "score")
         if self.compare_base and not self.adapter:
             found.append("compare_base: needs an adapter to compare the base model with")
         return found
@@ -433,10 +438,7 @@ class ChatConfig(_LoadedModel):
     threads: int | None = _same(PredictConfig, "threads")
 
     def _checks(self) -> list[str]:
-        found = _inference_problems(self)
-        if not self.adapter and not self.model:
-            found.append("adapter / model: give an adapter directory, or a --model to chat bare")
-        return found
+        return _inference_problems(self) + _nothing_to_load(self.adapter, self.model, "chat")
 
 
 
@@ -506,9 +508,7 @@ class ServeConfig(_LoadedModel):
         names = [name for name, _ in self.adapters]
         for name in sorted({n for n in names if names.count(n) > 1}):
             found.append(f"adapter: two adapters are served as {name!r}; name them: NAME=DIR")
-        if not self.adapters and not self.model:
-            found.append("adapter / model: give adapter directories, or a --model to serve bare")
-        return found
+        return found + _nothing_to_load(self.adapters, self.model, "serve", "adapter directories")
 
 
     @property
