@@ -234,10 +234,7 @@ class TrainConfig(_Schema):
             found.append(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             found.append("weight_decay and max_grad_norm: must be >= 0")
-        for name in ("model", "data", "output_dir"):
-            if not str(getattr(self, name)).strip():
-                found.append(f"{name}: must not be empty")
-        return found
+        return found + _empty_problems(self, "model", "data", "output_dir")
 
     @classmethod
     def from_preset(cls, preset: str, *layers: dict[str, Any], hw=None, **overrides) -> "TrainConfig":
@@ -341,6 +338,10 @@ def _inference_problems(config) -> list[str]:
     return found
 
 
+def _empty_problems(config, *names: str) -> list[str]:
+    return [f"{name}: must not be empty" for name in names if not str(getattr(config, name)).strip()]
+
+
 def _nothing_to_load(adapter, model, verb: str,
                      adapters: str = "an adapter directory") -> list[str]:
     """Neither an adapter nor a base model: the command would have nothing to load."""
@@ -413,9 +414,7 @@ class EvalConfig(_LoadedModel):
     threads: int | None = _same(PredictConfig, "threads")
 
     def _checks(self) -> list[str]:
-        found = _inference_problems(self)
-        if not self.data.strip():
-            found.append("data: must not be empty")
+        found = _inference_problems(self) + _empty_problems(self, "data")
         found += _nothing_to_load(self.adapter, self.model, "score")
         if self.compare_base and not self.adapter:
             found.append("compare_base: needs an adapter to compare the base model with")
@@ -503,8 +502,7 @@ class ServeConfig(_LoadedModel):
             found.append(f"queue_size: must be a positive integer, got {self.queue_size}")
         if not 1 <= self.port <= 65535:
             found.append(f"port: must be in 1..65535, got {self.port}")
-        if not self.host.strip():
-            found.append("host: must not be empty")
+        found += _empty_problems(self, "host")
         names = [name for name, _ in self.adapters]
         for name in sorted({n for n in names if names.count(n) > 1}):
             found.append(f"adapter: two adapters are served as {name!r}; name them: NAME=DIR")
