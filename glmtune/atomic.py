@@ -21,10 +21,17 @@ def staging_dir(target: Path) -> Iterator[Path]:
     """A fresh temporary directory beside ``target``; removed if it is still there afterwards."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with adopted_dir(tmp):
         yield tmp
+
+
+@contextmanager
+def adopted_dir(path: Path) -> Iterator[Path]:
+    """Like ``staging_dir`` for a directory made beforehand: removed unless renamed away."""
+    try:
+        yield path
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextmanager

@@ -272,14 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def with_config(p, cls):
+    def with_config(p, cls, func):
+        """The options of ``cls`` (after any the command has of its own), run by ``func``."""
         p.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file")
         p.add_argument("--from-make", action="store_true", help=argparse.SUPPRESS)
         add_config_arguments(p, cls)
+        p.set_defaults(func=func)
 
-    p = sub.add_parser("train", help="fine-tune a LoRA adapter")
-    with_config(p, cfg.TrainConfig)
-    p.set_defaults(func=cmd_train)
+    with_config(sub.add_parser("train", help="fine-tune a LoRA adapter"), cfg.TrainConfig, cmd_train)
 
     p = sub.add_parser("plan", help="show the hardware, the settings a run would use and its "
                                     "predicted peak memory")
@@ -289,31 +289,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", type=int, default=1, metavar="N",
                    help="plan for N training processes (devices) on this kind of machine; with "
                         "--strategy fsdp or zero3 each holds 1/N of the weights (default: 1)")
-    with_config(p, cfg.TrainConfig)
-    p.set_defaults(func=cmd_plan)
+    with_config(p, cfg.TrainConfig, cmd_plan)
 
-    p = sub.add_parser("predict", help="answer a prompt (or a --file of prompts) with a "
-                                       "trained adapter")
-    with_config(p, cfg.PredictConfig)
-    p.set_defaults(func=cmd_predict)
-
-    p = sub.add_parser("eval", help="score an adapter on held-out data (triplet P/R/F1, or "
-                                    "ROUGE / BLEU)")
-    with_config(p, cfg.EvalConfig)
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("chat", help="talk to the model with an adapter, multi-turn")
-    with_config(p, cfg.ChatConfig)
-    p.set_defaults(func=cmd_chat)
-
-    p = sub.add_parser("export", help="merge an adapter into its base model and save it")
-    with_config(p, cfg.ExportConfig)
-    p.set_defaults(func=cmd_export)
-
-    p = sub.add_parser("serve", help="an OpenAI-compatible API over the base model and its "
-                                     "adapters")
-    with_config(p, cfg.ServeConfig)
-    p.set_defaults(func=cmd_serve)
+    # the commands whose options are exactly their config's fields
+    for name, cls, func, help_text in (
+            ("predict", cfg.PredictConfig, cmd_predict,
+             "answer a prompt (or a --file of prompts) with a trained adapter"),
+            ("eval", cfg.EvalConfig, cmd_eval,
+             "score an adapter on held-out data (triplet P/R/F1, or ROUGE / BLEU)"),
+            ("chat", cfg.ChatConfig, cmd_chat, "talk to the model with an adapter, multi-turn"),
+            ("export", cfg.ExportConfig, cmd_export, "merge an adapter into its base model and save it"),
+            ("serve", cfg.ServeConfig, cmd_serve,
+             "an OpenAI-compatible API over the base model and its adapters")):
+        with_config(sub.add_parser(name, help=help_text), cls, func)
 
     p = sub.add_parser("monitor", help="follow a running job's loss and memory")
     p.add_argument("--output-dir", default=cfg.DEFAULT_OUTPUT_DIR,

@@ -234,10 +234,7 @@ class TrainConfig(_Schema):
             found.append(f"warmup_ratio: must be in [0, 1), got {self.warmup_ratio}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             found.append("weight_decay and max_grad_norm: must be >= 0")
-        for name in ("model", "data", "output_dir"):
-            if not str(getattr(self, name)).strip():
-                found.append(f"{name}: must not be empty")
-        return found
+        return found + _empty_problems(self, "model", "data", "output_dir")
 
     @classmethod
     def from_preset(cls, preset: str, *layers: dict[str, Any], hw=None, **overrides) -> "TrainConfig":
@@ -305,9 +302,7 @@ class PredictConfig(_Schema):
         if self.file and self.out and Path(self.out).suffix.lower() != ".jsonl":
             found.append(f"out: batch answers (--file) are written as JSON Lines; give a .jsonl "
                          f"path, got {self.out!r}")
-        found += _inference_problems(self)
-        if not self.adapter and not self.model:
-            found.append("adapter / model: give an adapter directory, or a --model to run bare")
+        found += _inference_problems(self) + _nothing_to_load(self.adapter, self.model, "run")
         if not self.file and not self.prompt.strip():
             found.append("prompt: must not be empty or only whitespace")
         try:
@@ -341,6 +336,18 @@ def _inference_problems(config) -> list[str]:
         if value is not None and value < 1:
             found.append(f"{name}: must be a positive integer or unset, got {value}")
     return found
+
+
+def _empty_problems(config, *names: str) -> list[str]:
+    return [f"{name}: must not be empty" for name in names if not str(getattr(config, name)).strip()]
+
+
+def _nothing_to_load(adapter, model, verb: str,
+                     adapters: str = "an adapter directory") -> list[str]:
+    """Neither an adapter nor a base model: the command would have nothing to load."""
+    if adapter or model:
+        return []
+    return [f"adapter / model: give {adapters}, or a --model to {verb} bare"]
 
 
 def _choice_problems(config) -> list[str]:
@@ -407,11 +414,8 @@ class EvalConfig(_LoadedModel):
     threads: int | None = _same(PredictConfig, "threads")
 
     def _checks(self) -> list[str]:
-        found = _inference_problems(self)
-        if not self.data.strip():
-            found.append("data: must not be empty")
-        if not self.adapter and not self.model:
-            found.append("adapter / model: give an adapter directory, or a --model to score bare")
+        found = _inference_problems(self) + _empty_problems(self, "data")
+        found += _nothing_to_load(self.adapter, self.model, "score")
         if self.compare_base and not self.adapter:
             found.append("compare_base: needs an adapter to compare the base model with")
         return found
@@ -433,10 +437,7 @@ class ChatConfig(_LoadedModel):
     threads: int | None = _same(PredictConfig, "threads")
 
     def _checks(self) -> list[str]:
-        found = _inference_problems(self)
-        if not self.adapter and not self.model:
-            found.append("adapter / model: give an adapter directory, or a --model to chat bare")
-        return found
+        return _inference_problems(self) + _nothing_to_load(self.adapter, self.model, "chat")
 
 
 
@@ -501,14 +502,11 @@ class ServeConfig(_LoadedModel):
             found.append(f"queue_size: must be a positive integer, got {self.queue_size}")
         if not 1 <= self.port <= 65535:
             found.append(f"port: must be in 1..65535, got {self.port}")
-        if not self.host.strip():
-            found.append("host: must not be empty")
+        found += _empty_problems(self, "host")
         names = [name for name, _ in self.adapters]
         for name in sorted({n for n in names if names.count(n) > 1}):
             found.append(f"adapter: two adapters are served as {name!r}; name them: NAME=DIR")
-        if not self.adapters and not self.model:
-            found.append("adapter / model: give adapter directories, or a --model to serve bare")
-        return found
+        return found + _nothing_to_load(self.adapters, self.model, "serve", "adapter directories")
 
 
     @property

@@ -139,6 +139,16 @@ def epoch_order(lengths: list[int], *, seed: int, epoch: int, step_rows: int,
     return [i for s in shuffled for i in steps[s]] + ragged
 
 
+def _blank_batch(count: int, longest: int, pad_id: int):
+    """(input ids all padding, labels all ignored) for ``count`` sequences of ``longest``
+    tokens rounded up to a multiple of PAD_MULTIPLE (see ``collate``)."""
+    import torch
+
+    width = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+    return (torch.full((count, width), pad_id, dtype=torch.long),
+            torch.full((count, width), IGNORE_INDEX, dtype=torch.long))
+
+
 def collate(rows: list[Encoded], pad_id: int):
     """Right-pad a batch to its longest row, rounded up to a multiple of 8.
 
@@ -149,11 +159,8 @@ def collate(rows: list[Encoded], pad_id: int):
     """
     import torch
 
-    longest = max(len(r.input_ids) for r in rows)
-    width = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    ids, labels = _blank_batch(len(rows), max(len(r.input_ids) for r in rows), pad_id)
+    mask = torch.zeros_like(ids)
     for i, row in enumerate(rows):
         n = len(row.input_ids)
         ids[i, :n] = torch.tensor(row.input_ids)
@@ -173,12 +180,12 @@ def collate_packed(sequences: list[list[Encoded]], pad_id: int):
     """
     import torch
 
-    longest = max(sum(len(r.input_ids) for r in rows) for rows in sequences)
-    width = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
-    positions = torch.zeros((len(sequences), width), dtype=torch.long)
-    real = torch.zeros((len(sequences), width), dtype=torch.long)
+    ids, labels = _blank_batch(len(sequences),
+                               max(sum(len(r.input_ids) for r in rows) for rows in sequences),
+                               pad_id)
+    width = ids.shape[1]
+    positions = torch.zeros_like(ids)
+    real = torch.zeros_like(ids)
     for i, rows in enumerate(sequences):
         at = 0
         for row in rows:

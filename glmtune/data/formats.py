@@ -311,30 +311,32 @@ def _loads(raw: str) -> Any:
     return _shaped(json.JSONDecoder(object_pairs_hook=_unique_keys).decode, raw)
 
 
-def _rows_jsonl(path: str, text: str) -> Iterator[tuple[_Loc, Any]]:
+def content_lines(text: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) of each line of ``text`` that is not blank."""
     # split("\n") rather than splitlines(): JSON strings may legally contain
     # raw U+2028 and friends, which splitlines() would treat as line breaks.
     for number, raw in enumerate(text.split("\n"), start=1):
-        if not raw.strip():
-            continue
-        try:
-            value = _loads(raw)
-        except _JsonShapeError as e:
-            raise e.at(_Loc(path, number)) from None
-        except json.JSONDecodeError as e:
-            hint = ""
-            if raw.lstrip().startswith("[") and number == _first_content_line(text):
-                hint = "; if the file is one JSON array, name it .json"
-            raise DataError(path, f"invalid JSON: {e.msg} (column {e.colno}){hint}",
-                            line=number, expected="one JSON object per line") from None
-        yield _Loc(path, number), value
-
-
-def _first_content_line(text: str) -> int:
-    for number, raw in enumerate(text.split("\n"), start=1):
         if raw.strip():
-            return number
-    return 0
+            yield number, raw
+
+
+def jsonl_value(path: str, number: int, raw: str, expected: str, hint: str = "") -> Any:
+    """Line ``number`` of a JSON Lines file decoded; what is wrong with it is a DataError
+    at that line (``hint`` added to an invalid-JSON message)."""
+    try:
+        return _loads(raw)
+    except _JsonShapeError as e:
+        raise e.at(_Loc(path, number)) from None
+    except json.JSONDecodeError as e:
+        raise DataError(path, f"invalid JSON: {e.msg} (column {e.colno}){hint}",
+                        line=number, expected=expected) from None
+
+
+def _rows_jsonl(path: str, text: str) -> Iterator[tuple[_Loc, Any]]:
+    for row, (number, raw) in enumerate(content_lines(text)):
+        array = row == 0 and raw.lstrip().startswith("[")
+        hint = "; if the file is one JSON array, name it .json" if array else ""
+        yield _Loc(path, number), jsonl_value(path, number, raw, "one JSON object per line", hint)
 
 
 def _rows_csv(path: str, text: str) -> Iterator[tuple[_Loc, Any]]:

@@ -114,11 +114,19 @@ def _pairs(messages: Sequence[Message]) -> tuple[str, list[list]]:
     return system, pairs
 
 
-def _chatglm1(messages, gen: bool, end: str) -> list[Segment]:
+def _rounds(messages: Sequence[Message]) -> tuple[list[list], str, str | None]:
+    """(earlier [question, answer] pairs, last question, its answer or None) for the
+    ChatGLM-6B / ChatGLM2 round formats, which have no system role: a system message
+    goes before the first question."""
     system, pairs = _pairs(messages)
     if system:
         pairs[0][0] = f"{system}\n{pairs[0][0]}"
     *history, (query, answer) = pairs
+    return history, query, answer
+
+
+def _chatglm1(messages, gen: bool, end: str) -> list[Segment]:
+    history, query, answer = _rounds(messages)
     if not history:
         prompt = query
     else:
@@ -132,10 +140,7 @@ def _chatglm1(messages, gen: bool, end: str) -> list[Segment]:
 
 
 def _chatglm2(messages, gen: bool, end: str) -> list[Segment]:
-    system, pairs = _pairs(messages)
-    if system:
-        pairs[0][0] = f"{system}\n{pairs[0][0]}"
-    *history, (query, answer) = pairs
+    history, query, answer = _rounds(messages)
     prompt = "".join(f"[Round {i}]\n\n问：{q}\n\n答：{a}\n\n" for i, (q, a) in enumerate(history, 1))
     prompt += f"[Round {len(history) + 1}]\n\n问：{query}\n\n答："
     segments = [Segment("[gMASK]", special=True), Segment("sop", special=True), Segment(prompt)]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from glmtune import atomic
 from glmtune.config import PredictConfig
-from glmtune.data.formats import _JsonShapeError, _loads, _Loc, _read_text, check_unicode
+from glmtune.data.formats import _Loc, _read_text, check_unicode, content_lines, jsonl_value
 from glmtune.errors import DataError, GlmtuneError
 from glmtune.lock import output_lock
 
@@ -62,9 +62,7 @@ def read_prompts(file: str) -> list[PromptRow]:
                         expected=".txt (one prompt per line) or .jsonl (one row per line)")
     text = _read_text(file)
     rows = []
-    for number, raw in enumerate(text.split("\n"), start=1):
-        if not raw.strip():
-            continue
+    for number, raw in content_lines(text):
         if suffix == ".txt":
             rows.append(PromptRow(number, raw.rstrip("\r")))
         else:
@@ -75,13 +73,7 @@ def read_prompts(file: str) -> list[PromptRow]:
 
 
 def _jsonl_row(file: str, number: int, raw: str) -> PromptRow:
-    try:
-        value = _loads(raw)
-    except _JsonShapeError as exc:
-        raise exc.at(_Loc(file, number)) from None
-    except json.JSONDecodeError as exc:
-        raise DataError(file, f"invalid JSON: {exc.msg} (column {exc.colno})", line=number,
-                        expected=JSONL_ROW) from None
+    value = jsonl_value(file, number, raw, JSONL_ROW)
     if isinstance(value, str):
         check_unicode(value, _Loc(file, number), "prompt")
         return PromptRow(number, value)

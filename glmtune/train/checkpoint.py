@@ -12,7 +12,6 @@ Everything is loaded back with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -125,13 +124,13 @@ def save(out: Path, state: TrainerState, model, optimizer, scheduler, *,
     """
     import torch
 
-    from glmtune.atomic import staging_dir
+    from glmtune.atomic import adopted_dir, staging_dir
 
     target = out / f"checkpoint-{state.step}"
     if staged is None:
         _remove_stale_temporaries(out)
     with writing(target, "the earlier checkpoints are intact"), \
-            (_adopted(staged) if staged else staging_dir(target)) as staged:
+            (adopted_dir(staged) if staged else staging_dir(target)) as staged:
         model.save_pretrained(staged, **({} if weights is None else {"state_dict": weights}))
         tensors = {"scheduler": scheduler.state_dict(), "rng": _rng_state()}
         if optimizer is not None:
@@ -149,15 +148,6 @@ def save(out: Path, state: TrainerState, model, optimizer, scheduler, *,
         os.rename(staged, target)
     _prune(out, keep, protect | {state.step})
     return target
-
-
-@contextlib.contextmanager
-def _adopted(path: Path):
-    """Like ``staging_dir`` for a directory made beforehand: removed unless renamed away."""
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _damaged(file: Path, exc: BaseException) -> GlmtuneError:

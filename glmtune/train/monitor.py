@@ -88,34 +88,34 @@ class MemoryMonitor:
         self.tripped = False
 
 
-def read_memory(out: Path) -> list[tuple[float, float, float]]:
-    """``memory.csv`` of a run as (seconds, RSS GB, system available GB) rows."""
-    memory_csv = out / "memory.csv"
-    if not memory_csv.is_file():
+def _written_rows(path: Path, parse, header: bool = False) -> list:
+    """``parse`` of each line of a file the run appends to (none before it exists); a
+    line ``parse`` refuses (IndexError, ValueError) is one being written right now."""
+    if not path.is_file():
         return []
     rows = []
-    for row in list(csv.reader(memory_csv.open()))[1:]:
+    for line in path.read_text("utf-8").splitlines()[1 if header else 0:]:
         try:
-            rows.append((float(row[0]), float(row[1]), float(row[2])))
-        except (IndexError, ValueError):  # a row the sampler is writing right now
+            rows.append(parse(line))
+        except (IndexError, ValueError):
             continue
     return rows
+
+
+def read_memory(out: Path) -> list[tuple[float, float, float]]:
+    """``memory.csv`` of a run as (seconds, RSS GB, system available GB) rows."""
+    def parse(line):
+        row = next(csv.reader([line]))
+        return float(row[0]), float(row[1]), float(row[2])
+
+    return _written_rows(out / "memory.csv", parse, header=True)
 
 
 def read_metrics(out: Path) -> list[dict]:
     """``metrics.jsonl`` of a run (a line still being written is skipped)."""
     import json
 
-    path = out / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text("utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
+    return _written_rows(out / "metrics.jsonl", json.loads)
 
 
 def status_line(out: Path) -> str | None:

@@ -224,6 +224,16 @@ def config_inputs(cls: type, prefix: str) -> tuple[list, list[str]]:
     return inputs, [o.name for o in options]
 
 
+@contextmanager
+def command_tab(i18n, command: str, cls: type):
+    """The tab of a command run in the server process: (inputs, field names, run button);
+    what the block adds below them (its outputs) goes into the tab too."""
+    with gr.Tab(i18n(f"tab_{command}"), id=command, elem_id=f"tab-{command}"):
+        inputs, names = config_inputs(cls, command)
+        button = gr.Button(i18n(f"{command}_button"), variant="primary", elem_id=f"{command}-run")
+        yield inputs, names, button
+
+
 def build(registry: jobs.JobRegistry | None = None, cache: PredictorCache | None = None):
     registry = registry or jobs.JobRegistry()
     cache = cache or PredictorCache()
@@ -368,10 +378,8 @@ def build(registry: jobs.JobRegistry | None = None, cache: PredictorCache | None
             compare.change(lambda on: gr.update(visible=on), compare, chatbot_base)
 
             # -------------------------------------------------------- evaluate
-            with gr.Tab(i18n("tab_eval"), id="eval", elem_id="tab-eval"):
-                eval_inputs, eval_names = config_inputs(cfg.EvalConfig, "eval")
-                eval_button = gr.Button(i18n("eval_button"), variant="primary",
-                                        elem_id="eval-run")
+            with command_tab(i18n, "eval", cfg.EvalConfig) as (eval_inputs, eval_names,
+                                                                eval_button):
                 eval_status = gr.Markdown(elem_id="eval-status")
                 eval_summary = gr.Dataframe(label=i18n("eval_summary"), elem_id="eval-summary",
                                             interactive=False)
@@ -401,10 +409,8 @@ def build(registry: jobs.JobRegistry | None = None, cache: PredictorCache | None
                               [eval_status, eval_summary, eval_relations, eval_report])
 
             # ---------------------------------------------------------- export
-            with gr.Tab(i18n("tab_export"), id="export", elem_id="tab-export"):
-                export_inputs, export_names = config_inputs(cfg.ExportConfig, "export")
-                export_button = gr.Button(i18n("export_button"), variant="primary",
-                                          elem_id="export-run")
+            with command_tab(i18n, "export", cfg.ExportConfig) as (export_inputs, export_names,
+                                                                    export_button):
                 export_result = gr.Markdown(label=i18n("export_result"), elem_id="export-result")
 
             def on_export(request: gr.Request, *values):

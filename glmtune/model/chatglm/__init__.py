@@ -9,22 +9,26 @@ own (v1_model.py). The tokenizers are rebuilt from ``tokenizer.model`` /
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 from glmtune.errors import GlmtuneError
 
 
-def _v1_missing(what: str, exc: ImportError) -> GlmtuneError:
-    return GlmtuneError(f"ChatGLM-6B (v1) checkpoints are not yet supported by this glmtune "
-                        f"({what} unavailable: {exc}); ChatGLM2-6B and ChatGLM3-6B are")
+@contextmanager
+def _v1_import(what: str):
+    """Importing a v1 part: if it fails, v2 / v3 still work, so say which model is out."""
+    try:
+        yield
+    except ImportError as exc:
+        raise GlmtuneError(f"ChatGLM-6B (v1) checkpoints are not yet supported by this glmtune "
+                           f"({what} unavailable: {exc}); ChatGLM2-6B and ChatGLM3-6B are") from exc
 
 
 def load_tokenizer(model_dir: str | Path, version: int):
     if version == 1:
-        try:
+        with _v1_import("its tokenizer"):
             from glmtune.model.chatglm.v1_tokenizer import ChatGLM1Tokenizer
-        except ImportError as exc:
-            raise _v1_missing("its tokenizer", exc) from exc
         return ChatGLM1Tokenizer.from_dir(model_dir)
     from glmtune.model.chatglm.tokenizer import ChatGLMTokenizer
 
@@ -35,10 +39,8 @@ def load_model(model_dir: str | Path, version: int, **load_kwargs):
     """The model, ready for LoRA: ``load_kwargs`` as for ``from_pretrained`` (dtype,
     quantization_config, device_map)."""
     if version == 1:
-        try:
+        with _v1_import("its model class"):
             from glmtune.model.chatglm.v1_model import load_v1
-        except ImportError as exc:
-            raise _v1_missing("its model class", exc) from exc
         return load_v1(model_dir, **load_kwargs)
     from glmtune.model.chatglm.convert import load_glm
 

@@ -149,9 +149,9 @@ def model_class():
     return ChatGLMAsGlm
 
 
-def load_glm(model_dir: str | Path, *, dtype=None, quantization_config=None, device_map=None):
-    """A ChatGLM2/3 directory loaded as a GlmForCausalLM (converted tensor by tensor)."""
-    import torch
+def load_glm(model_dir: str | Path, **load_kwargs: Any):
+    """A ChatGLM2/3 directory loaded as a GlmForCausalLM (converted tensor by tensor);
+    ``load_kwargs`` go to ``from_pretrained`` (dtype, quantization_config, device_map)."""
     from transformers import GlmForCausalLM
 
     from glmtune.model.chatglm import weights
@@ -159,12 +159,7 @@ def load_glm(model_dir: str | Path, *, dtype=None, quantization_config=None, dev
 
     model_dir = Path(model_dir)
     config = glm_config(_read_config(model_dir), model_dir / "config.json")
-    kwargs: dict[str, Any] = {"config": config, "dtype": dtype or torch.float32}
-    if quantization_config is not None:
-        kwargs["quantization_config"] = quantization_config
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    model = weights.from_pretrained(model_class(), model_dir, **kwargs)
+    model = weights.from_pretrained(model_class(), model_dir, config=config, **load_kwargs)
     # Loaded, it is a plain GlmForCausalLM: what recognises transformers' own classes (the
     # fast path's fused attention and head) must see it as one.
     model.__class__ = GlmForCausalLM
