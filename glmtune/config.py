@@ -81,7 +81,8 @@ class TrainConfig(_Schema):
                       "or a hub id on a machine that can reach the hub",
                       make="MODEL", default=DEFAULT_MODEL)
     trust_remote_code: bool = _opt("allow the model directory's own Python code to run "
-                                   "(needed for ChatGLM-6B/2/3)", make="TRUST_REMOTE_CODE",
+                                   "(models transformers cannot build; ChatGLM-6B/2/3 load "
+                                   "natively without it)", make="TRUST_REMOTE_CODE",
                                    default=False)
     data: str = _opt("training data: .txt, .csv, .json, .jsonl, .xlsx (first sheet, header "
                      "row) or .parquet", make="DATA", default=DEFAULT_TRAIN_FILE)
@@ -367,7 +368,7 @@ def _template_problems(config) -> list[str]:
 
 DEFAULT_VAL_FILE = "data/val_triplet.jsonl"
 EVAL_TASKS = ("triplet", "generation")
-EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+EXPORT_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -452,8 +453,10 @@ class ExportConfig(_Schema):
     out: str | None = _opt("directory for the merged model (default: <adapter>-merged)",
                            make="EXPORT_DIR")
     overwrite: bool = _opt("replace a non-empty --out", make="OVERWRITE", default=False)
-    dtype: str = _opt("precision of the saved weights (the merge and its check run in float32)",
-                      make="EXPORT_DTYPE", choices=EXPORT_DTYPES, default="float32")
+    dtype: str = _opt("precision of the saved weights: auto (the base's own, from its "
+                      "config.json; float32 when it names none), float32, bfloat16 or float16 "
+                      "(the merge and its check run in float32)",
+                      make="EXPORT_DTYPE", choices=EXPORT_DTYPES, default="auto")
     threads: int | None = _same(PredictConfig, "threads")
 
     def _checks(self) -> list[str]:

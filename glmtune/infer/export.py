@@ -111,10 +111,11 @@ def _merge_and_save(config: ExportConfig, out: Path, predictor) -> ExportResult:
     log.info("merged logits match base + adapter: max |difference| %.2e over %d tokens",
              diff, ids.shape[1])
 
-    dtype = getattr(torch, config.dtype)
+    dtype_name = _saved_dtype(config.dtype, predictor.source.config)
+    dtype = getattr(torch, dtype_name)
     merged = merged.to(device="cpu", dtype=dtype)
     info = {"adapter": str(config.adapter), "base_model": predictor.source.name,
-            "template": predictor.family.template, "dtype": config.dtype,
+            "template": predictor.family.template, "dtype": dtype_name,
             "verified_max_abs_logit_diff": diff, "tolerance": TOLERANCE}
     with atomic.staging_dir(out) as staged:
         if original:
@@ -132,3 +133,12 @@ def _merge_and_save(config: ExportConfig, out: Path, predictor) -> ExportResult:
         # an exported model is meant to be shared: not mkdtemp's private permissions
         atomic.replace_dir(staged, out, shared=True)
     return ExportResult(out, diff, ids.shape[1])
+
+
+def _saved_dtype(requested: str, base_config: dict | None) -> str:
+    """``auto``: the dtype the base was published in, so the export is what people already
+    serve (ChatGLM-6B/2/3 ship float16); float32 when config.json names none."""
+    if requested != "auto":
+        return requested
+    named = str((base_config or {}).get("torch_dtype") or (base_config or {}).get("dtype") or "")
+    return named if named in ("float32", "bfloat16", "float16") else "float32"

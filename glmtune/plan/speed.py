@@ -28,11 +28,12 @@ from functools import lru_cache
 
 from glmtune.plan.estimate import Settings, Shape
 
-# fitted: elementwise seconds per (token x hidden unit x layer x pass), in units of
-# the time one fp32 multiply-add takes at the measured matmul rate
-_ELEMENTWISE_FLOPS = 60
-# fitted: fixed seconds per layer and pass (a few dozen operators, their autograd records)
-_LAYER_OVERHEAD_S = 0.6e-3
+# fitted: elementwise work per token, layer and pass (norms, rotary, activations, residuals,
+# softmax, casts, their gradients), in units of one addition over hidden + intermediate
+# elements, timed here (tiny-glm and GLM-241M on a 2-core AVX2 EPYC)
+_ELEMENTWISE_PASSES = 110
+# fitted: fixed seconds per layer and pass (operator dispatch, autograd records)
+_LAYER_OVERHEAD_S = 0.3e-3
 # fitted: fixed seconds per optimizer step (data, logging, the optimizer's kernel launches)
 _STEP_OVERHEAD_S = 5e-3
 
@@ -101,6 +102,21 @@ def matmul_rate(tokens: int, k: int, n: int, dtype: str, device: str = "cpu") ->
 
 
 @lru_cache(maxsize=4)
+def add_seconds_per_element(dtype: str) -> float:
+    """Seconds per element of an addition of 1 MB tensors: this machine's elementwise speed.
+
+    One size for every model: the fitted constant below absorbs how far a model's own
+    tensors fall out of cache (measured: the same ~10 ns per token, layer, pass and
+    hidden + intermediate unit on tiny-glm and GLM-241M)."""
+    import torch
+
+    kind = getattr(torch, dtype)
+    x, y, out = (torch.randn(256, 1024, dtype=kind) for _ in range(3))
+    # into a kept tensor: a fresh output would time the page faults of its allocation
+    return _best_time(lambda: torch.add(x, y, out=out)) / x.numel()
+
+
+@lru_cache(maxsize=4)
 def dequant_rate(quant: str, dtype: str) -> float:
     """Parameters per second bitsandbytes dequantizes here (0 when it is not installed)."""
     try:
@@ -145,8 +161,9 @@ def step_time(shape: Shape, s: Settings, *, tokens: int, seq_len: int, micro_bat
         rate = dequant_rate(s.quant, compute_dtype)
         dequant = passes * shape.linear_params / rate if rate else 0.0
 
-    multiply_add_s = 2 / mlp_rate
-    elementwise = _ELEMENTWISE_FLOPS * multiply_add_s * tokens * h * shape.layers * passes
+    width = h + shape.active_intermediate // max(shape.layers, 1)
+    elementwise = (_ELEMENTWISE_PASSES * add_seconds_per_element(compute_dtype)
+                   * tokens * width * shape.layers * passes)
     fixed = _LAYER_OVERHEAD_S * shape.layers * passes
     other = micro_batches * (elementwise + fixed) + _STEP_OVERHEAD_S
     return StepTime(matmul=micro_batches * matmul, dequant=micro_batches * dequant, other=other,
