@@ -72,7 +72,9 @@ class Sampler:
         tokens, count = 0, 0
         for first in range(0, len(units), self.global_batch):
             chunk = widths[first:first + self.global_batch]
-            tokens += max(chunk) * -(-len(chunk) // self.world)
+            per_rank = -(-len(chunk) // self.world)
+            mine = chunk[self.rank * per_rank:(self.rank + 1) * per_rank]
+            tokens += max(mine, default=0) * len(mine)
             count += 1
         return tokens / max(count, 1), sum(widths) / max(len(widths), 1)
 

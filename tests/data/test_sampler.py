@@ -88,3 +88,24 @@ def test_steps_per_epoch_counts_packed_sequences():
     packed = Sampler(lengths, seed=0, micro_batch=4, grad_accum=2, pack_len=256)
     assert plain.steps_per_epoch() == math.ceil(math.ceil(len(lengths) / 4) / 2)
     assert packed.steps_per_epoch() < plain.steps_per_epoch() / 2
+
+
+@pytest.mark.parametrize("pack_len, world", [(None, 1), (256, 1), (None, 2)])
+def test_mean_batch_shape_is_what_the_collated_batches_hold(pack_len, world):
+    """The time prediction reads the padded size of an average micro-batch from here: it must
+    equal what collate actually builds (padding to the longest row, a multiple of 8)."""
+    from glmtune.data.dataset import Encoded
+    from glmtune.data.sampler import batches
+
+    lengths = _lengths(61)
+    rows = [Encoded(list(range(1, n + 1)), list(range(1, n + 1))) for n in lengths]
+    sampler = Sampler(lengths, seed=3, micro_batch=4, grad_accum=1, world=world, rank=0,
+                      pack_len=pack_len)
+    epoch_batches = math.ceil(len(sampler.epoch_units(0)) / sampler.global_batch)
+    shapes = [batch["input_ids"].shape
+              for batch, _ in itertools.islice(batches(sampler, rows, 0, 0), epoch_batches)]
+    tokens, width = sampler.mean_batch_shape()
+    assert tokens == pytest.approx(sum(b * w for b, w in shapes) / len(shapes))
+    assert width == pytest.approx(
+        sum(-(-sum(lengths[i] for i in unit) // 8) * 8 for unit in sampler.epoch_units(0))
+        / len(sampler.epoch_units(0)))
