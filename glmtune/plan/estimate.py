@@ -336,15 +336,18 @@ def estimate(shape: Shape, s: Settings, shard_bytes: int = 0, pickled: bool = Fa
         trainable //= s.shards
     tokens = s.batch_size * s.seq_len
     # per token: hidden-sized tensors in every layer, MLP-sized ones of the experts that run
-    hidden_part = 2 * _ACT_PER_HIDDEN * shape.hidden
-    mlp_part = 2 * _ACT_PER_INTERMEDIATE * shape.active_intermediate  # summed over layers
-    attention = 2 * s.batch_size * shape.heads * s.seq_len * s.seq_len * 2  # scores + probs, bf16
+    # bytes of a kept activation: bf16 under autocast (a bf16 base), else float32 (measured:
+    # GLM-241M in fp32 on an AVX2 CPU kept 0.8 GB more than the bf16 constants predicted)
+    act = 2 if s.base_dtype == "bfloat16" else 4
+    hidden_part = act * _ACT_PER_HIDDEN * shape.hidden
+    mlp_part = act * _ACT_PER_INTERMEDIATE * shape.active_intermediate  # summed over layers
+    attention = 2 * s.batch_size * shape.heads * s.seq_len * s.seq_len * act  # scores + probs
     if s.gradient_checkpointing:
         # layer inputs kept for every layer, one layer recomputed at a time
         widest = max(shape.intermediate if shape.dense_layers else 0,
                      shape.moe_intermediate * (shape.experts_per_token + shape.shared_experts))
         activations = (shape.layers * tokens * shape.hidden * 4
-                       + tokens * (hidden_part + 2 * _ACT_PER_INTERMEDIATE * widest) + attention)
+                       + tokens * (hidden_part + act * _ACT_PER_INTERMEDIATE * widest) + attention)
     else:
         activations = tokens * (shape.layers * hidden_part + mlp_part) + shape.layers * attention
     if s.quant != "none":

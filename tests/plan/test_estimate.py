@@ -273,12 +273,13 @@ def lora_models():
 def test_activations_and_logits_are_what_a_real_forward_keeps(lora_models, kind, batch, length):
     """The estimate is a fit of peak memory (bf16 autocast copies, the logits' gradient),
     not a count of saved tensors; what it must do is move with them: within a factor of
-    two below and three above, which a lost batch, layer, length or vocabulary factor
-    breaks."""
+    two below and four above (it also counts the fast path's attention probabilities, which
+    this reference model's SDPA does not keep), which a lost batch, layer, length or
+    vocabulary factor breaks."""
     model, shape = lora_models[kind]
     kept = kept_for_backward(model, batch, length)
     predicted = est.estimate(shape, est.Settings(batch_size=batch, seq_len=length))
-    assert kept / 2 <= predicted.activations + predicted.logits <= 3 * kept
+    assert kept / 2 <= predicted.activations + predicted.logits <= 4 * kept
 
 
 def test_activations_grow_with_batch_and_length():
