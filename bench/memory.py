@@ -206,7 +206,8 @@ def child(spec: dict) -> dict:
     records = [json.loads(x) for x in (Path(spec["out"]) / "run" / "metrics.jsonl").read_text().splitlines()]
     step_times = [spec["batch"] * spec["seq"] / r["tokens_per_s"] for r in records if "loss" in r][1:]
     peak = peak_rss_gb()
-    return {"quant": spec["quant"], "peak_rss_gb": round(peak, 3),
+    speed = _speed(tuner, spec, step_times)
+    return {"quant": spec["quant"], "peak_rss_gb": round(peak, 3), **speed,
             "predicted_gb": round(predicted.peak / 2**30, 3),
             "error": round(predicted.peak / 2**30 / peak - 1, 3),
             "load_peak_gb": round(load_peak, 3), "predicted_load_gb": round(predicted.load_peak / 2**30, 3),
@@ -214,6 +215,26 @@ def child(spec: dict) -> dict:
             "s_per_step": round(sum(step_times) / max(len(step_times), 1), 2),
             "predicted_s_per_step": round(tuner.plan.step_time.seconds, 2) if tuner.plan.step_time else None,
             "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _speed(tuner, spec: dict, step_times: list[float]) -> dict:
+    """Tokens/s, per core, and as a share of the 4·N·T bound at this machine's square-matmul
+    peak in the compute dtype (measured after training, in this process)."""
+    import torch
+
+    from glmtune.plan import estimate as est
+    from glmtune.plan import speed
+
+    if not step_times:
+        return {}
+    tok_s = spec["batch"] * spec["seq"] / (sum(step_times) / len(step_times))
+    dtype = "bfloat16" if tuner.plan.bf16 else "float32"
+    peak = speed.matmul_rate(2048, 2048, 2048, dtype)
+    shape = est.shape_from_config(tuner.source.config)
+    n = shape.linear_params + shape.vocab * shape.hidden
+    return {"tok_s": round(tok_s, 3), "tok_s_per_core": round(tok_s / torch.get_num_threads(), 3),
+            "peak_gflops": round(peak / 1e9, 1),
+            "pct_of_4NT_bound": round(100 * 4 * n * tok_s / peak, 1)}
 
 
 def main(argv=None) -> int:
