@@ -2,7 +2,6 @@ import json
 
 import pytest
 
-from glmtune.errors import GlmtuneError
 from glmtune.model.family import CHATGLM_TARGETS, GLM4_TARGETS, Family, detect_family, template_override
 from tests.fixtures.remote_code_model import GLM_SPECIALS, ROLE_SPECIALS, build_remote_model, build_tokenizer
 
@@ -87,8 +86,11 @@ def test_template_override():
     family = detect_family(V2)
     assert template_override(family, "chat_template").template == "chat_template"
     assert template_override(family, "chat_template").lora_targets == GLM4_TARGETS
-    with pytest.raises(GlmtuneError, match="chatglm1, chatglm2, chatglm3, glm4, glm45, chat_template, plain"):
-        template_override(family, "alpaca")
+    # unknown names never get this far: the config refuses them, listing the valid ones
+    from glmtune.config import TrainConfig
+
+    assert any("chatglm1, chatglm2, chatglm3, glm4, glm45, chat_template, plain" in p
+               for p in TrainConfig(template="alpaca").problems())
 
 
 # --- a generic remote-code model ---------------------------------------------
