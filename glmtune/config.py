@@ -357,9 +357,11 @@ def _choice_problems(config) -> list[str]:
             if f.metadata.get("choices") and getattr(config, f.name) not in f.metadata["choices"]]
 
 
-def _template_problems(config) -> list[str]:
-    from glmtune.data.templates import TEMPLATES
+# The prompt formats data.templates builds: named here, where every stage reads its options.
+TEMPLATES = ("chatglm1", "chatglm2", "chatglm3", "glm4", "glm45", "chat_template", "plain")
 
+
+def _template_problems(config) -> list[str]:
     template = getattr(config, "template", "auto")
     if template in ("auto", *TEMPLATES):
         return []

@@ -32,11 +32,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from glmtune.config import TEMPLATES  # the names; the builders below follow them
 from glmtune.data.sample import ROLES, Message, Sample
 from glmtune.errors import GlmtuneError
 from glmtune.tokens import token_id
-
-TEMPLATES = ("chatglm1", "chatglm2", "chatglm3", "glm4", "glm45", "chat_template", "plain")
 
 IGNORE_INDEX = -100
 

@@ -32,7 +32,7 @@ MOE_MODEL_TYPES = {"glm4_moe": GLM4_MOE_TARGETS, "glm4_moe_lite": GLM4_MOE_LITE_
 @dataclass(frozen=True)
 class Family:
     name: str                            # chatglm1-3, glm, glm4, glm4_moe, glm4_moe_lite or generic
-    template: str                        # one of data.templates.TEMPLATES
+    template: str                        # one of config.TEMPLATES
     lora_targets: tuple[str, ...] | str  # module names, or a PEFT shorthand like "all-linear"
     remote_code: bool                    # the checkpoint's own Python code builds the model
     expert_parameters: tuple[str, ...] = ()  # routed-expert weights --lora-experts adapts (MoE)
