@@ -207,7 +207,8 @@ def child(spec: dict) -> dict:
     step_times = [spec["batch"] * spec["seq"] / r["tokens_per_s"] for r in records if "loss" in r][1:]
     peak = peak_rss_gb()
     speed = _speed(tuner, spec, step_times)
-    return {"quant": spec["quant"], "peak_rss_gb": round(peak, 3), **speed,
+    return {"quant": spec["quant"], "planned_quant": tuner.plan.quant, "peak_rss_gb": round(peak, 3),
+            **speed,
             "predicted_gb": round(predicted.peak / 2**30, 3),
             "error": round(predicted.peak / 2**30 / peak - 1, 3),
             "load_peak_gb": round(load_peak, 3), "predicted_load_gb": round(predicted.load_peak / 2**30, 3),
