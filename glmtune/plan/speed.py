@@ -137,6 +137,28 @@ def dequant_rate(quant: str, dtype: str) -> float:
     return weight.numel() / seconds
 
 
+def _block_seconds(shape: Shape, tokens: int, dtype: str, attn_rate: float,
+                   mlp_rate: float) -> float:
+    """One pass over the decoder layers' weights for ``tokens`` tokens.
+
+    A routed expert sees only its share of the tokens (``tokens`` x experts per token /
+    experts: 16 of 256 on GLM-4.7-Flash's layers), where a matmul runs far below the rate
+    of the whole batch; it is measured at that size."""
+    h = shape.hidden
+    attention = shape.layers * sum(i * o for i, o in shape._attention_outputs())
+    seconds = 2 * tokens * attention / attn_rate
+    seconds += 2 * tokens * shape.dense_layers * shape._dense_mlp_params / mlp_rate
+    if shape.moe_layers:
+        shared = shape.moe_intermediate * shape.shared_experts
+        if shared:
+            seconds += (2 * tokens * shape.moe_layers * 3 * h * shared
+                        / matmul_rate(tokens, h, shared, dtype))
+        per_expert = max(1, tokens * shape.experts_per_token // max(shape.experts, 1))
+        routed = shape.moe_layers * shape.experts_per_token * 3 * h * shape.moe_intermediate
+        seconds += 2 * tokens * routed / matmul_rate(per_expert, h, shape.moe_intermediate, dtype)
+    return seconds
+
+
 def step_time(shape: Shape, s: Settings, *, tokens: int, seq_len: int, micro_batches: int = 1,
               compute_dtype: str = "float32") -> StepTime:
     """Seconds of one optimizer step of ``micro_batches`` passes of ``tokens`` tokens each
@@ -144,19 +166,15 @@ def step_time(shape: Shape, s: Settings, *, tokens: int, seq_len: int, micro_bat
     passes = 3 if s.gradient_checkpointing else 2  # forward, input gradient, recompute
     h = shape.hidden
     # one token's multiply-adds in the blocks: attention projections and the MLP that runs
-    attention_params = sum(i * o for i, o in shape._attention_outputs())
-    mlp_params = 3 * h * shape.active_intermediate  # summed over layers
-    block_flops = 2 * tokens * (shape.layers * attention_params + mlp_params)
     head_flops = 2 * tokens * shape.vocab * h  # only trained positions reach it; bounded by all
     attention_flops = 4 * tokens * seq_len * shape.heads * shape.head_dim * shape.layers
     lora_flops = 6 * tokens * shape.lora_params(s.lora_r, s.lora_experts)
 
     mlp_rate = matmul_rate(tokens, h, shape.intermediate or h, compute_dtype)
     attn_rate = matmul_rate(tokens, h, shape.heads * shape.head_dim, compute_dtype)
-    block_rate = ((shape.layers * attention_params + mlp_params)
-                  / (shape.layers * attention_params / attn_rate + mlp_params / mlp_rate))
     head_passes = 3 if s.train_embeddings else 2  # + the head's own weight gradient
-    matmul = (passes * block_flops / block_rate + head_passes * head_flops / mlp_rate
+    matmul = (passes * _block_seconds(shape, tokens, compute_dtype, attn_rate, mlp_rate)
+              + head_passes * head_flops / mlp_rate
               + (passes + 1) * attention_flops / attn_rate + lora_flops / attn_rate)
 
     dequant = 0.0
