@@ -110,6 +110,11 @@ def load_train_val(train_path: str, val_path: str | None, tokenizer, template: s
 
 
 PAD_MULTIPLE = 8
+
+
+def padded_width(tokens: int) -> int:
+    """The width a batch whose longest row has ``tokens`` tokens is padded to (see ``collate``)."""
+    return -(-tokens // PAD_MULTIPLE) * PAD_MULTIPLE
 GROUP_WINDOW_STEPS = 16  # length grouping sorts this many optimizer steps' rows at a time
 
 
@@ -144,7 +149,7 @@ def _blank_batch(count: int, longest: int, pad_id: int):
     tokens rounded up to a multiple of PAD_MULTIPLE (see ``collate``)."""
     import torch
 
-    width = -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE
+    width = padded_width(longest)
     return (torch.full((count, width), pad_id, dtype=torch.long),
             torch.full((count, width), IGNORE_INDEX, dtype=torch.long))
 

@@ -13,7 +13,14 @@ import math
 from dataclasses import dataclass
 from typing import Iterator
 
-from glmtune.data.dataset import IGNORE_INDEX, PAD_MULTIPLE, Encoded, collate, collate_packed, epoch_order
+from glmtune.data.dataset import (
+    IGNORE_INDEX,
+    Encoded,
+    collate,
+    collate_packed,
+    epoch_order,
+    padded_width,
+)
 
 
 def pack(order: list[int], lengths: list[int], capacity: int) -> list[list[int]]:
@@ -67,8 +74,7 @@ class Sampler:
         """(tokens, sequence length) of this process's average padded micro-batch in the
         first epoch: what a step computes, for predicting its time."""
         units = self.epoch_units(0)
-        widths = [-(-sum(self.lengths[i] for i in unit) // PAD_MULTIPLE) * PAD_MULTIPLE
-                  for unit in units]
+        widths = [padded_width(sum(self.lengths[i] for i in unit)) for unit in units]
         tokens, count = 0, 0
         for first in range(0, len(units), self.global_batch):
             chunk = widths[first:first + self.global_batch]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from glmtune import atomic
-from glmtune.config import DEMO_PROMPT, ExportConfig, PredictConfig
+from glmtune.config import DEMO_PROMPT, EXPORT_DTYPES, ExportConfig, PredictConfig
 from glmtune.errors import GlmtuneError
 from glmtune.lock import output_lock
 
@@ -140,5 +140,6 @@ def _saved_dtype(requested: str, base_config: dict | None) -> str:
     serve (ChatGLM-6B/2/3 ship float16); float32 when config.json names none."""
     if requested != "auto":
         return requested
-    named = str((base_config or {}).get("torch_dtype") or (base_config or {}).get("dtype") or "")
-    return named if named in ("float32", "bfloat16", "float16") else "float32"
+    base_config = base_config or {}
+    named = str(base_config.get("torch_dtype") or base_config.get("dtype") or "")
+    return named if named in EXPORT_DTYPES and named != "auto" else "float32"

@@ -73,6 +73,11 @@ class Shape:
     def _dense_mlp_params(self) -> int:
         return (3 if self.gated_mlp else 2) * self.hidden * self.intermediate
 
+    @property
+    def attention_params(self) -> int:
+        """Weights of one layer's attention projections."""
+        return sum(i * o for i, o in self._attention_outputs())
+
     def _attention_outputs(self) -> list[tuple[int, int]]:
         """(in, out) of each attention projection of one layer."""
         h = self.hidden
@@ -95,7 +100,7 @@ class Shape:
         """Parameters in the transformer blocks' Linear layers (what LoRA and quantization touch):
         attention, dense MLPs (gate, up, down) and shared experts. Routed experts are 3-D
         parameters, not Linear layers: see expert_params."""
-        attention = sum(i * o for i, o in self._attention_outputs())
+        attention = self.attention_params
         return (self.layers * attention + self.dense_layers * self._dense_mlp_params
                 + self.moe_layers * 3 * self.hidden * self._shared_intermediate)
 
@@ -155,7 +160,7 @@ class Shape:
 
     def layer_weight_params(self) -> int:
         """Parameters of the largest decoder layer: what FSDP / ZeRO-3 gather at once."""
-        attention = sum(i * o for i, o in self._attention_outputs())
+        attention = self.attention_params
         dense = self._dense_mlp_params if self.dense_layers else 0
         moe = (3 * self.hidden * (self._shared_intermediate + self.experts * self.moe_intermediate)
                + self.experts * self.hidden  # the router, gathered with the layer

@@ -19,6 +19,8 @@ from glmtune.plan import speed
 from glmtune.plan.hardware import GB, Hardware, describe
 
 MIN_SEQ_LEN = 128
+# what reading a model's shape from an unusual config.json raises
+SHAPE_ERRORS = (KeyError, TypeError, ValueError, ZeroDivisionError)
 
 
 @dataclass
@@ -163,8 +165,12 @@ def predict_step(plan: Plan, config: TrainConfig, model_config: dict | None,
 
     if plan.device != "cpu" or not model_config:
         return None
+    try:
+        shape = est.shape_from_config(model_config)
+    except SHAPE_ERRORS:  # _fit_memory has said so already
+        return None
     hardware.set_threads(plan.threads)  # the rate is measured with the run's threads
-    return speed.step_time(est.shape_from_config(model_config),
+    return speed.step_time(shape,
                            _settings(plan, config, train_embeddings),
                            tokens=max(1, round(tokens)), seq_len=max(1, round(seq_len)),
                            micro_batches=config.grad_accum,
@@ -187,7 +193,7 @@ def _fit_memory(plan: Plan, config: TrainConfig, hw: Hardware, model_config: dic
                 processes: int, pickled: bool = False) -> tuple[Plan, TrainConfig]:
     try:
         shape = est.shape_from_config(model_config)
-    except (KeyError, TypeError, ZeroDivisionError):
+    except SHAPE_ERRORS:
         plan.reasons.append("memory: cannot read the model's shape from config.json; "
                             "no prediction (the live guard still watches)")
         return plan, config

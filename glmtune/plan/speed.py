@@ -145,7 +145,7 @@ def _block_seconds(shape: Shape, tokens: int, dtype: str, attn_rate: float,
     experts: 16 of 256 on GLM-4.7-Flash's layers), where a matmul runs far below the rate
     of the whole batch; it is measured at that size."""
     h = shape.hidden
-    attention = shape.layers * sum(i * o for i, o in shape._attention_outputs())
+    attention = shape.layers * shape.attention_params
     seconds = 2 * tokens * attention / attn_rate
     seconds += 2 * tokens * shape.dense_layers * shape._dense_mlp_params / mlp_rate
     if shape.moe_layers:
