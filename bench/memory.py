@@ -49,6 +49,9 @@ SHAPES = {
                      moe_intermediate_size=1536, n_routed_experts=64, num_experts_per_tok=4,
                      n_shared_experts=1, mlp_layer_types=["dense"] + ["sparse"] * 5),
 }
+# ChatGLM3-6B's matrices in 6 of its layers: small enough to train unquantized (7 GB of
+# float32) beside its 4-bit twin, at the same tokens per step
+SHAPES["glm-6b-6l"] = dict(SHAPES["glm-6b"], num_hidden_layers=6)
 
 # name -> (model, quant, batch, seq, gradient checkpointing)
 RUNS = {
@@ -60,7 +63,12 @@ RUNS = {
     "241m-bf16": ("glm-241m", "none", 4, 256, False),
     "660m-4bit": ("glm-660m", "4bit", 2, 128, True),
     "moe-flash-4bit": ("flash-6l", "4bit", 1, 256, True),
+    "6b-6l-4bit": ("glm-6b-6l", "4bit", 1, 128, True),
+    "6b-6l-none": ("glm-6b-6l", "none", 1, 128, True),
+    "660m-none": ("glm-660m", "none", 2, 128, True),
 }
+# what a quantized step costs over the unquantized one, same shapes and tokens per step
+QUANT_PAIRS = {"6b-6l": ("6b-6l-4bit", "6b-6l-none"), "660m": ("660m-4bit", "660m-none")}
 
 
 def build_random_glm(name: str) -> Path:
@@ -262,6 +270,11 @@ def main(argv=None) -> int:
               flush=True)
         results[name] = {"quant": quant, **run_child(__file__, json.dumps(spec))}
         print(f"   {results[name]}", flush=True)
+    for label, (quantized, full) in QUANT_PAIRS.items():
+        if results.get(quantized, {}).get("s_per_step") and results.get(full, {}).get("s_per_step"):
+            ratio = results[quantized]["s_per_step"] / results[full]["s_per_step"]
+            results[f"{label}-quant-over-none"] = round(ratio, 3)
+            print(f"{label}: 4-bit step / unquantized step at the same tokens = {ratio:.2f}x")
     print("RESULT " + json.dumps(results))
     return 0
 

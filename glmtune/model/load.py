@@ -148,25 +148,6 @@ def quantization_config(quant: str, compute_bf16: bool, shardable: bool = False)
         **({"bnb_4bit_quant_storage": torch.bfloat16} if shardable else {}))
 
 
-def keep_nf4_trainable_on_cpu(model) -> int:
-    """Turn off bitsandbytes' CPU weight repacking in every 4-bit layer.
-
-    bitsandbytes 0.50 repacks nf4 weights in place the first time a 4-bit
-    layer runs in eval mode without grad on an AVX512-BF16 CPU (evaluation,
-    generation). The repacked layout fails for in_features not a multiple of
-    64 and breaks any later backward pass ("a view of a leaf Variable ... in-place
-    operation"). With repacking off, every forward uses the ordinary dequantize
-    path, so training -> evaluation -> generation -> training works in one
-    process; inference loses the packed kernel's speed-up, nothing else.
-    """
-    changed = 0
-    for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
-            changed += 1
-    return changed
-
-
 @contextmanager
 def streaming_safetensors():
     """Read checkpoint shards with pread instead of keeping every shard memory-mapped.
@@ -238,7 +219,9 @@ def load_model(source: ModelSource, *, trust_remote_code: bool, dtype=None,
                                f"corrupted ({_first_line(exc)})") from exc
         raise
     if quantization_config is not None:
-        keep_nf4_trainable_on_cpu(model)
+        from glmtune.model import blockwise
+
+        blockwise.install(model)
     return model
 
 

@@ -355,10 +355,11 @@ def estimate(shape: Shape, s: Settings, shard_bytes: int = 0, pickled: bool = Fa
                        + tokens * (hidden_part + act * _ACT_PER_INTERMEDIATE * widest) + attention)
     else:
         activations = tokens * (shape.layers * hidden_part + mlp_part) + shape.layers * attention
-    if s.quant != "none":
-        # a quantized weight is dequantized for each matmul, and the backward's matmul reads a
-        # transposed copy: two of the widest weight at once (measured: ChatGLM3-6B at 4-bit in
-        # fp32, training peaked 0.55 GB over loading, which predicted it 0.9 GB under)
+    if s.quant != "none" and s.device != "cpu":
+        # bitsandbytes dequantizes a whole weight for each matmul, and the backward's matmul
+        # reads a transposed copy: two of the widest weight at once (measured on a CPU before
+        # model.blockwise: ChatGLM3-6B at 4-bit, training peaked 0.55 GB over loading, which
+        # predicted it 0.9 GB under). On a CPU a block of rows is dequantized at a time.
         widest = shape.largest_linear_params() * (
             2 if shape.fused_gate_up and shape.gated_mlp and shape.dense_layers else 1)
         activations += 2 * widest * dtype_bytes

@@ -118,7 +118,7 @@ def test_memory_limit_is_shared_by_processes_on_one_cpu():
 
 @pytest.mark.parametrize("quant, batch, accum, ram, expected", [
     ("4bit", 1, 16, 16, (16, 1)),   # room for the whole effective batch at once
-    ("4bit", 1, 16, 9, (4, 4)),     # as many as the budget holds
+    ("4bit", 1, 16, 9, (8, 2)),     # as many as the budget holds
     ("4bit", 2, 3, 16, (2, 3)),     # an odd accumulation cannot be halved: left alone
     ("none", 1, 16, 64, (1, 16)),   # dequantization is what this saves: unquantized bases keep theirs
 ])
