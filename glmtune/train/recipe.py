@@ -28,7 +28,7 @@ from glmtune.data.sampler import Sampler
 from glmtune.errors import GlmtuneError
 from glmtune.lock import output_lock
 from glmtune.model import fused, load, lora
-from glmtune.model.family import Family, detect_family, template_override
+from glmtune.model.family import Family, detect_family, keeps_packed_rows_apart, template_override
 from glmtune.plan import Plan, hardware, plan_for_model, predict_step
 from glmtune.plan.hardware import GB
 from glmtune.train import artifacts, checkpoint, distributed, faults, monitor, output, schedule, stopping
@@ -52,6 +52,7 @@ class FineTuner:
         self.tokenizer = None
         self.model = None
         self.fused_head = None  # the LM head when it is fused with the loss
+        self.packing = False  # --packing, resolved for the loaded model
         self.train_embeddings = False
         self.dist = distributed.Dist()
         self.strategy = "ddp"  # or fsdp / zero2 / zero3 (distributed.resolve_strategy)
@@ -62,6 +63,7 @@ class FineTuner:
     def setup_model_and_tokenizer(self) -> None:
         self._setup_plan()
         self.model = self._setup_model()
+        self.packing = self._packing()
 
     def prepare_datasets(self) -> None:
         self._setup_plan()  # first: the plan may change max_seq_len to fit memory
@@ -121,6 +123,18 @@ class FineTuner:
             self.fused_head, parts = fused.install(model)
             log.info("fast path: fused %s", ", ".join(parts) or "nothing (reference layers here)")
         return model
+
+    def _packing(self) -> bool:
+        """--packing as asked; unset, on where the model keeps packed rows apart."""
+        supported = keeps_packed_rows_apart(self.model)
+        packing = supported if self.config.packing is None else self.config.packing
+        if packing and not supported:
+            log.warning("packing: %s models are not known to keep packed rows apart; rows "
+                        "sharing a sequence may attend to each other",
+                        getattr(self.model.config, "model_type", None))
+        log.info("packing: %s", "each micro-batch's rows share sequences, each row attending "
+                 "to itself" if packing else "off")
+        return packing
 
     def _setup_data(self):
         cfg = self.config
@@ -332,7 +346,7 @@ class _Run:
         return Sampler([len(r.input_ids) for r in self.tuner.train_set.rows], seed=cfg.seed,
                        micro_batch=cfg.batch_size, grad_accum=cfg.grad_accum, world=self.dist.world,
                        rank=self.dist.rank, group_by_length=cfg.group_by_length,
-                       pack_len=cfg.max_seq_len if cfg.packing else None)
+                       pack_len=cfg.max_seq_len if self.tuner.packing else None)
 
     def _batches(self):
         """Micro-batches from the current data position on, as the current settings cut them."""
