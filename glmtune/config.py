@@ -116,12 +116,11 @@ class TrainConfig(_Schema):
     max_grad_norm: float = _opt("gradient clipping norm (0 disables)", default=1.0)
     max_seq_len: int = _opt("longer rows are truncated (and counted in the log)",
                             make="MAX_SEQ_LEN", default=256)
-    packing: bool | None = _opt("pack each micro-batch's rows into as few sequences of "
-                                "--max-seq-len tokens as they fit (position ids restart per row, "
-                                "attention stays within each row): the same rows per step, "
-                                "without the padding; unset: on where the model keeps packed "
-                                "rows apart (GLM, GLM-4, ChatGLM2/3, GLM-4.5+, Llama, Qwen2), "
-                                "off otherwise", make="PACKING")
+    packing: bool = _opt("pack each micro-batch's rows into as few sequences of --max-seq-len "
+                         "tokens as they fit (position ids restart per row, attention stays "
+                         "within each row): the same rows per step without the padding; for "
+                         "GLM, GLM-4, ChatGLM2/3, GLM-4.5+, Llama and Qwen2 models",
+                         make="PACKING", default=False)
     group_by_length: bool = _opt("batch rows of similar length together (shuffled in groups of "
                                  "steps): less padding, faster on mixed lengths, but less varied "
                                  "batches (off by default: it cost the triplet job F1)",

@@ -28,7 +28,8 @@ GLM4_MOE_LITE_TARGETS = ("q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa",
 MOE_EXPERT_PARAMETERS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 MOE_MODEL_TYPES = {"glm4_moe": GLM4_MOE_TARGETS, "glm4_moe_lite": GLM4_MOE_LITE_TARGETS}
 # transformers models whose attention reads restarting position ids (with no attention mask)
-# as row boundaries, so packed rows train as if alone: tests/train/test_loss.py checks each.
+# as row boundaries, so packed rows train as if alone: tests/train/test_loss.py checks each;
+# --packing warns for any other.
 # ChatGLM2/3 load as "glm"; ChatGLM-6B's own attention and remote code are not among them.
 PACKED_ROWS_MODEL_TYPES = {"glm", "glm4", "glm4_moe", "glm4_moe_lite", "llama", "qwen2"}
 

@@ -125,16 +125,12 @@ class FineTuner:
         return model
 
     def _packing(self) -> bool:
-        """--packing as asked; unset, on where the model keeps packed rows apart."""
-        supported = keeps_packed_rows_apart(self.model)
-        packing = supported if self.config.packing is None else self.config.packing
-        if packing and not supported:
+        """--packing, with a warning where the model is not known to keep packed rows apart."""
+        if self.config.packing and not keeps_packed_rows_apart(self.model):
             log.warning("packing: %s models are not known to keep packed rows apart; rows "
                         "sharing a sequence may attend to each other",
                         getattr(self.model.config, "model_type", None))
-        log.info("packing: %s", "each micro-batch's rows share sequences, each row attending "
-                 "to itself" if packing else "off")
-        return packing
+        return self.config.packing
 
     def _setup_data(self):
         cfg = self.config

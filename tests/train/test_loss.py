@@ -90,9 +90,9 @@ def _tiny(model_type: str):
 
 
 @pytest.mark.parametrize("model_type", sorted(PACKED_ROWS_MODEL_TYPES))
-def test_every_model_type_packing_is_on_for_keeps_packed_rows_apart(model_type):
-    """Packing is on by default for exactly these types: each must train a packed row as if
-    it were alone (reference path: what CUDA and unknown layers run)."""
+def test_every_model_type_known_to_keep_packed_rows_apart_does(model_type):
+    """--packing trusts exactly these types (and warns for others): each must train a packed
+    row as if it were alone (reference path: what CUDA and unknown layers run)."""
     model = _tiny(model_type)
     rows = _rows()
     alone = [_loss_and_grads(model, collate([row], pad_id=0), None) for row in rows]
