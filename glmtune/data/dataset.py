@@ -110,12 +110,12 @@ def load_train_val(train_path: str, val_path: str | None, tokenizer, template: s
 
 
 PAD_MULTIPLE = 8
+GROUP_WINDOW_STEPS = 16  # length grouping sorts this many optimizer steps' rows at a time
 
 
 def padded_width(tokens: int) -> int:
     """The width a batch whose longest row has ``tokens`` tokens is padded to (see ``collate``)."""
     return -(-tokens // PAD_MULTIPLE) * PAD_MULTIPLE
-GROUP_WINDOW_STEPS = 16  # length grouping sorts this many optimizer steps' rows at a time
 
 
 def epoch_order(lengths: list[int], *, seed: int, epoch: int, step_rows: int,

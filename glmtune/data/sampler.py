@@ -87,10 +87,8 @@ class Sampler:
         units = self.epoch_units(0)
         tokens, widths, count = 0, [], 0
         for first in range(0, len(units), self.global_batch):
-            chunk = units[first:first + self.global_batch]
-            per_rank = -(-len(chunk) // self.world)
-            for rank in range(self.world):
-                sequences = self.sequences(chunk[rank * per_rank:(rank + 1) * per_rank])
+            for rank, share in enumerate(self._shares(units[first:first + self.global_batch])):
+                sequences = self.sequences(share)
                 lengths = [padded_width(sum(self.lengths[i] for i in seq)) for seq in sequences]
                 widths += lengths
                 if rank == self.rank:
@@ -114,8 +112,12 @@ class Sampler:
                           ) -> Iterator[tuple[list[list[int]], int]]:
         for first in range(start, len(units), self.global_batch):
             chunk = units[first:first + self.global_batch]
-            per_rank = -(-len(chunk) // self.world)
-            yield chunk[self.rank * per_rank:(self.rank + 1) * per_rank], len(chunk)
+            yield self._shares(chunk)[self.rank], len(chunk)
+
+    def _shares(self, chunk: list[list[int]]) -> list[list[list[int]]]:
+        """A global micro-batch split between the processes (the last ones may get less)."""
+        per_rank = -(-len(chunk) // self.world)
+        return [chunk[rank * per_rank:(rank + 1) * per_rank] for rank in range(self.world)]
 
 
 def batches(sampler: Sampler, rows: list[Encoded], pad_id: int, rows_seen: int

@@ -96,6 +96,12 @@ def int8_blocks(cb: torch.Tensor, scb: torch.Tensor) -> Blocks:
     return blocks
 
 
+def _linear(layer, x: torch.Tensor, blocks: Blocks) -> torch.Tensor:
+    """``layer``'s x W^T + b with W read from ``blocks``."""
+    out = _BlockwiseMatmul.apply(x, blocks, layer.out_features)
+    return out if layer.bias is None else out + layer.bias.to(out.dtype)
+
+
 @lru_cache(maxsize=1)
 def _classes() -> dict[type, type]:
     """bitsandbytes layer class -> its blockwise subclass (built on first use: bitsandbytes
@@ -114,10 +120,7 @@ def _classes() -> dict[type, type]:
             dtype = x.dtype
             if self.compute_dtype is not None:
                 x = x.to(self.compute_dtype)
-            out = _BlockwiseMatmul.apply(x, nf4_blocks(self.weight), self.out_features)
-            if self.bias is not None:
-                out = out + self.bias.to(out.dtype)
-            return out.to(dtype)
+            return _linear(self, x, nf4_blocks(self.weight)).to(dtype)
 
     class BlockwiseLinear8bitLt(bnb.nn.Linear8bitLt):
         def forward(self, x):
@@ -126,10 +129,7 @@ def _classes() -> dict[type, type]:
             if (x.device.type != "cpu" or not self.training or cb is None or scb is None
                     or self.state.has_fp16_weights):
                 return super().forward(x)
-            out = _BlockwiseMatmul.apply(x, int8_blocks(cb, scb), self.out_features)
-            if self.bias is not None:
-                out = out + self.bias.to(out.dtype)
-            return out
+            return _linear(self, x, int8_blocks(cb, scb))
 
     return {bnb.nn.Linear4bit: BlockwiseLinear4bit, bnb.nn.Linear8bitLt: BlockwiseLinear8bitLt}
 

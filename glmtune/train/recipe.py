@@ -52,7 +52,6 @@ class FineTuner:
         self.tokenizer = None
         self.model = None
         self.fused_head = None  # the LM head when it is fused with the loss
-        self.packing = False  # --packing, resolved for the loaded model
         self.train_embeddings = False
         self.dist = distributed.Dist()
         self.strategy = "ddp"  # or fsdp / zero2 / zero3 (distributed.resolve_strategy)
@@ -63,7 +62,7 @@ class FineTuner:
     def setup_model_and_tokenizer(self) -> None:
         self._setup_plan()
         self.model = self._setup_model()
-        self.packing = self._packing()
+        self._check_packing()
 
     def prepare_datasets(self) -> None:
         self._setup_plan()  # first: the plan may change max_seq_len to fit memory
@@ -124,13 +123,12 @@ class FineTuner:
             log.info("fast path: fused %s", ", ".join(parts) or "nothing (reference layers here)")
         return model
 
-    def _packing(self) -> bool:
-        """--packing, with a warning where the model is not known to keep packed rows apart."""
+    def _check_packing(self) -> None:
+        """Warn where --packing meets a model not known to keep packed rows apart."""
         if self.config.packing and not keeps_packed_rows_apart(self.model):
             log.warning("packing: %s models are not known to keep packed rows apart; rows "
                         "sharing a sequence may attend to each other",
                         getattr(self.model.config, "model_type", None))
-        return self.config.packing
 
     def _setup_data(self):
         cfg = self.config
@@ -342,7 +340,7 @@ class _Run:
         return Sampler([len(r.input_ids) for r in self.tuner.train_set.rows], seed=cfg.seed,
                        micro_batch=cfg.batch_size, grad_accum=cfg.grad_accum, world=self.dist.world,
                        rank=self.dist.rank, group_by_length=cfg.group_by_length,
-                       pack_len=cfg.max_seq_len if self.tuner.packing else None)
+                       pack_len=cfg.max_seq_len if cfg.packing else None)
 
     def _batches(self):
         """Micro-batches from the current data position on, as the current settings cut them."""
